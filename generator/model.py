@@ -1,0 +1,106 @@
+"""The adapter generator (hypernetwork): hidden states of a context -> a low-rank adapter.
+
+Math as in DESIGN.md section 2, per decoder layer and target module:
+    Hn = RMSNorm(H)                 H: (b, n, d) input of the decoder layer, padding rows zeroed
+    S  = (Hn A2^T)^T (Hn A3^T)      (b, d_r, d_r), summed over tokens and over windows
+    S ~ U diag(s) V^T               rank r, singular values dropped
+    lora_A = U^T A1                 (b, r, d_in)
+    lora_B = alpha/d_r * B V        (b, d_out, r)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from generator.config import GeneratorConfig
+
+LoRAFactors = dict[str, tuple[Tensor, Tensor]]  # module name -> (lora_A, lora_B)
+State = dict[str, Tensor]  # module name -> S, (d_r, d_r) or (b, d_r, d_r)
+
+SVD_SEED = 0  # svd_lowrank is randomized; a fixed seed makes adapters bit-reproducible
+
+
+class ModuleGenerator(nn.Module):
+    """Trainable parameters for one target module of one decoder layer."""
+
+    def __init__(self, hidden: int, d_in: int, d_out: int, inner: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.norm_weight = nn.Parameter(torch.ones(hidden))
+        self.A1 = nn.Parameter(torch.empty(inner, d_in))
+        self.A2 = nn.Parameter(torch.empty(inner, hidden))
+        self.A3 = nn.Parameter(torch.empty(inner, hidden))
+        self.B = nn.Parameter(torch.zeros(d_out, inner))  # zero: the first adapter is exactly zero
+        for a in (self.A1, self.A2, self.A3):
+            nn.init.kaiming_normal_(a)
+
+    def state(self, h: Tensor, mask: Tensor | None = None) -> Tensor:
+        """S = K^T V over the tokens of h (b, n, d); mask (b, n) zeroes padding rows."""
+        hn = F.rms_norm(h.to(self.norm_weight.dtype), (h.shape[-1],), self.norm_weight, self.eps)
+        if mask is not None:
+            hn = hn * mask.unsqueeze(-1).to(hn.dtype)
+        k = hn @ self.A2.T  # (b, n, d_r)
+        v = hn @ self.A3.T  # (b, n, d_r)
+        return k.transpose(-1, -2) @ v  # (b, d_r, d_r)
+
+    def lora(self, s: Tensor, config: GeneratorConfig) -> tuple[Tensor, Tensor]:
+        """Normalize S (b, d_r, d_r) and fold it into LoRA factors A (b, r', d_in), B (b, d_out, r')."""
+        s = s.float()
+        if config.normalization == "svd":
+            u, v = _svd_factors(s, config.rank)  # (b, d_r, r) each
+            a = u.transpose(-1, -2) @ self.A1.float()
+            b = config.scaling * self.B.float() @ v
+        else:
+            s_bar = s / (torch.linalg.matrix_norm(s, keepdim=True) + 1e-12)
+            a = s_bar.transpose(-1, -2) @ self.A1.float()
+            b = (config.scaling * self.B.float()).expand(s.shape[0], -1, -1)
+        return a, b
+
+
+def _svd_factors(s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """U, V of a rank-`rank` randomized SVD of s, reproducible through a fixed seed."""
+    devices = [s.device] if s.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(SVD_SEED)
+        u, _, v = torch.svd_lowrank(s, q=rank, niter=2)
+    return u, v
+
+
+class AdapterGenerator(nn.Module):
+    """One ModuleGenerator per (decoder layer, target module); free of I/O."""
+
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.layers = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    m: ModuleGenerator(c.hidden_size, d_in, d_out, c.inner_size, c.rms_norm_eps)
+                    for m, (d_in, d_out) in c.modules.items()
+                }
+            )
+            for _ in range(c.num_layers)
+        )
+        self.names = c.module_names()  # full names, in (layer, module) order
+
+    def _items(self) -> list[tuple[str, int, ModuleGenerator]]:
+        per_layer = len(self.config.modules)
+        return [
+            (name, i // per_layer, self.layers[i // per_layer][name.rsplit(".", 1)[-1]])
+            for i, name in enumerate(self.names)
+        ]
+
+    def state(self, hidden_states: list[Tensor] | tuple[Tensor, ...], mask: Tensor | None) -> State:
+        """S for every module; hidden_states[l] is the input of decoder layer l."""
+        return {name: gen.state(hidden_states[layer], mask) for name, layer, gen in self._items()}
+
+    def lora(self, state: State) -> LoRAFactors:
+        return {name: gen.lora(state[name], self.config) for name, _, gen in self._items()}
+
+
+def add_states(a: State | None, b: State) -> State:
+    """Chunks add up: S = S_1 + S_2 + ... (the pre-norm sum)."""
+    return dict(b) if a is None else {k: a[k] + b[k] for k in b}

@@ -1,0 +1,165 @@
+"""Context -> adapter: the frozen base model reads the context window by window, the generator
+turns what it read into a LoRA. Also saving and loading generators, and adapter ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, load_file, save, save_file
+from torch import Tensor
+
+from generator.base_model import BaseModel, load_base_model
+from generator.config import WEIGHTS_FILE, GeneratorConfig
+from generator.lora import applied, attach_lora_layers, peft_bytes, peft_config
+from generator.model import AdapterGenerator, LoRAFactors, State, add_states
+
+log = logging.getLogger(__name__)
+
+TOKENS_KEY = "__tokens__"
+DEFAULT_GENERATOR_DIR = Path(__file__).parent / "weights" / "smollm2-135m-instruct"
+
+
+class GeneratorError(ValueError):
+    """A generator folder is missing, unreadable or does not fit the base model."""
+
+
+class EmptyContextError(ValueError):
+    """The context has no tokens: there is nothing to adapt to."""
+
+
+@dataclass
+class Adapter:
+    """A generated adapter: its LoRA factors and the raw state S that can be extended later."""
+
+    state: State  # module name -> S (1, d_r, d_r)
+    tokens: int  # context tokens read so far, all windows together
+    factors: LoRAFactors = field(repr=False)
+
+    def peft_bytes(self) -> bytes:
+        return peft_bytes(self.factors)
+
+    def state_bytes(self) -> bytes:
+        tensors = {k: v.contiguous() for k, v in self.state.items()}
+        return save({**tensors, TOKENS_KEY: torch.tensor([self.tokens])})
+
+
+def save_generator(generator: AdapterGenerator, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    generator.config.save(folder)
+    save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, folder / WEIGHTS_FILE)
+
+
+def load_generator(folder: Path) -> AdapterGenerator:
+    try:
+        config = GeneratorConfig.load(folder)
+        weights = load_file(folder / WEIGHTS_FILE)
+    except (OSError, ValueError, TypeError) as e:
+        raise GeneratorError(f"generator folder {folder}: cannot read it ({e})") from e
+    generator = AdapterGenerator(config)
+    generator.load_state_dict(weights)
+    return generator
+
+
+def check_fits(config: GeneratorConfig, base: BaseModel) -> None:
+    cfg = base.model.config
+    if (config.hidden_size, config.num_layers) != (cfg.hidden_size, cfg.num_hidden_layers):
+        raise GeneratorError(
+            f"generator was built for {config.base_model} (d={config.hidden_size}, "
+            f"{config.num_layers} layers), not {base.name} (d={cfg.hidden_size}, "
+            f"{cfg.num_hidden_layers} layers)"
+        )
+
+
+def fingerprint(generator: AdapterGenerator, base_name: str) -> str:
+    """Identifies (generator weights, config, base model): part of every adapter id."""
+    h = hashlib.sha256(base_name.encode())
+    h.update(json.dumps(generator.config.__dict__, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(generator.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def adapter_id(fingerprint: str, context: str, parent: str | None = None) -> str:
+    """Content address of an adapter: same generator, base, parent and context -> same id."""
+    h = hashlib.sha256(f"{fingerprint}\0{parent or ''}\0".encode() + context.encode())
+    return "ga-" + h.hexdigest()[:32]
+
+
+def state_from_bytes(data: bytes) -> tuple[State, int]:
+    """Inverse of Adapter.state_bytes."""
+    state = load(data)
+    return state, int(state.pop(TOKENS_KEY).item())
+
+
+class AdapterPipeline:
+    """Base model + generator; makes and extends adapters. The base model stays frozen."""
+
+    def __init__(self, base: BaseModel, generator: AdapterGenerator) -> None:
+        check_fits(generator.config, base)
+        self.base = base
+        self.generator = generator
+        self.config = generator.config
+        self.lora_layers = attach_lora_layers(base.model, self.config.module_names())
+        self.fingerprint = fingerprint(generator, base.name)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.base.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def window_state(self, ids: Tensor, mask: Tensor | None, factors: LoRAFactors | None) -> State:
+        """S of one window (b, W), read by the base model with `factors` applied."""
+        with applied(self.lora_layers, factors):
+            out = self.base.model.model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True
+            )
+        return self.generator.state(out.hidden_states[:-1], mask)  # [l] = input of layer l
+
+    @torch.no_grad()
+    def adapt_ids(self, ids: list[int], parent: Adapter | None = None) -> Adapter:
+        """Read `ids` window by window, each with the adapter of everything before it applied."""
+        if not ids:
+            raise EmptyContextError("context is empty: it has no tokens to adapt to")
+        state = None if parent is None else parent.state
+        w = self.config.window
+        for start in range(0, len(ids), w):
+            window = torch.tensor([ids[start : start + w]], device=self.base.model.device)
+            factors = None if state is None else self.generator.lora(state)
+            state = add_states(state, self.window_state(window, None, factors))
+        assert state is not None
+        tokens = len(ids) + (parent.tokens if parent else 0)
+        return Adapter(state=state, tokens=tokens, factors=self.generator.lora(state))
+
+    def adapt(self, text: str, parent: Adapter | None = None) -> Adapter:
+        return self.adapt_ids(self.tokenize(text), parent)
+
+    @torch.no_grad()
+    def restore(self, state: State, tokens: int) -> Adapter:
+        """Rebuild an adapter from its stored raw state (to extend it)."""
+        return Adapter(state=state, tokens=tokens, factors=self.generator.lora(state))
+
+    def peft_config(self) -> dict[str, object]:
+        return peft_config(self.config, str(self.base.path))
+
+
+def load_pipeline(
+    base_model: str | Path | None = None, generator_dir: Path | None = None
+) -> AdapterPipeline:
+    """The base model plus a generator: `generator_dir`, else the shipped default.
+
+    Without a trained generator the adapters are exactly zero (B starts at zero), so that case
+    is logged loudly rather than hidden.
+    """
+    base = load_base_model(base_model)
+    folder = generator_dir or DEFAULT_GENERATOR_DIR
+    if generator_dir is not None or (folder / WEIGHTS_FILE).is_file():
+        generator = load_generator(folder)
+    else:
+        log.warning("no trained generator at %s: using an untrained one (zero adapters)", folder)
+        torch.manual_seed(0)
+        generator = AdapterGenerator(GeneratorConfig.for_base_model(base.model, base.name))
+    return AdapterPipeline(base, generator)

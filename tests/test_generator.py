@@ -1,0 +1,163 @@
+"""The generator's math and export, on a tiny random Llama (fast) and on SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from generator.base_model import BaseModel
+from generator.config import GeneratorConfig
+from generator.lora import PEFT_CONFIG_FILE, applied, write_peft_folder
+from generator.model import AdapterGenerator, _svd_factors
+from generator.pipeline import (
+    AdapterPipeline,
+    EmptyContextError,
+    GeneratorError,
+    load_generator,
+    save_generator,
+    state_from_bytes,
+)
+from tests.conftest import random_generator
+
+IDS = [(7 * i + 3) % 128 for i in range(48)]  # 3 windows of 16
+
+
+def logits(pipeline: AdapterPipeline, ids: list[int], factors=None) -> torch.Tensor:
+    with applied(pipeline.lora_layers, factors):
+        return pipeline.base.model(torch.tensor([ids])).logits
+
+
+def peft_logits(base: BaseModel, adapter_dir: Path, ids: list[int]) -> torch.Tensor:
+    fresh = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(fresh, adapter_dir).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits
+
+
+def test_untrained_generator_gives_exactly_zero_adapter(tiny_base: BaseModel) -> None:
+    config = GeneratorConfig.for_base_model(tiny_base.model, tiny_base.name, window=16, rank=8)
+    pipeline = AdapterPipeline(tiny_base, AdapterGenerator(config))
+    adapter = pipeline.adapt_ids(IDS)
+    assert all(torch.count_nonzero(b) == 0 for _, b in adapter.factors.values())
+    assert torch.equal(logits(pipeline, IDS, adapter.factors), logits(pipeline, IDS))
+
+
+def test_svd_normalization_has_unit_singular_values() -> None:
+    s = torch.randn(3, 32, 32) @ torch.randn(3, 32, 32)
+    u, v = _svd_factors(s, rank=8)
+    singular = torch.linalg.svdvals(u @ v.transpose(-1, -2))
+    assert torch.allclose(singular[:, :8], torch.ones(3, 8), atol=1e-5)
+    assert singular[:, 8:].abs().max() < 1e-5
+
+
+def test_frobenius_normalization_exports_full_inner_rank(tiny_base: BaseModel) -> None:
+    gen = random_generator(tiny_base, window=16, rank=8, inner_size=32, normalization="frobenius")
+    adapter = AdapterPipeline(tiny_base, gen).adapt_ids(IDS)
+    a, b = next(iter(adapter.factors.values()))
+    assert a.shape[-2] == b.shape[-1] == 32 == gen.config.lora_rank
+
+
+def test_peft_export_gives_same_logits(tiny_pipeline: AdapterPipeline, tmp_path: Path) -> None:
+    adapter = tiny_pipeline.adapt_ids(IDS)
+    folder = write_peft_folder(
+        tmp_path / "adapter", adapter.peft_bytes(), tiny_pipeline.peft_config()
+    )
+    ours = logits(tiny_pipeline, IDS, adapter.factors)
+    assert (ours - logits(tiny_pipeline, IDS)).abs().max() > 1e-3  # the adapter does something
+    assert (ours - peft_logits(tiny_pipeline.base, folder, IDS)).abs().max() < 1e-4
+
+
+def test_adapter_bytes_are_deterministic(tiny_base: BaseModel) -> None:
+    first = AdapterPipeline(tiny_base, random_generator(tiny_base, window=16, rank=8))
+    second = AdapterPipeline(tiny_base, random_generator(tiny_base, window=16, rank=8))
+    assert first.adapt_ids(IDS).peft_bytes() == second.adapt_ids(IDS).peft_bytes()
+    assert first.fingerprint == second.fingerprint
+
+
+def test_extend_equals_one_shot(tiny_pipeline: AdapterPipeline) -> None:
+    whole = tiny_pipeline.adapt_ids(IDS + IDS[:5])
+    state, tokens = state_from_bytes(tiny_pipeline.adapt_ids(IDS[:32]).state_bytes())
+    extended = tiny_pipeline.adapt_ids(IDS[32:] + IDS[:5], tiny_pipeline.restore(state, tokens))
+    assert extended.tokens == whole.tokens == 53
+    for name, (a, b) in whole.factors.items():
+        ea, eb = extended.factors[name]
+        assert torch.allclose(b @ a, eb @ ea, atol=1e-5)
+        assert torch.allclose(whole.state[name], extended.state[name], rtol=1e-5, atol=1e-4)
+
+
+def test_windows_are_read_sequentially(tiny_pipeline: AdapterPipeline) -> None:
+    """The second window is read with the first window's adapter applied, so order matters."""
+    forward = tiny_pipeline.adapt_ids(IDS[:16] + IDS[16:32])
+    backward = tiny_pipeline.adapt_ids(IDS[16:32] + IDS[:16])
+    name = list(forward.state)[-1]  # layer 0 reads embeddings, which no adapter touches
+    assert not torch.allclose(forward.state[name], backward.state[name])
+
+
+def test_generator_round_trips_through_safetensors(
+    tiny_pipeline: AdapterPipeline, tmp_path: Path
+) -> None:
+    save_generator(tiny_pipeline.generator, tmp_path / "gen")
+    loaded = load_generator(tmp_path / "gen")
+    assert loaded.config == tiny_pipeline.generator.config
+    again = AdapterPipeline(tiny_pipeline.base, loaded)
+    assert again.fingerprint == tiny_pipeline.fingerprint
+    assert again.adapt_ids(IDS).peft_bytes() == tiny_pipeline.adapt_ids(IDS).peft_bytes()
+
+
+def test_empty_context_is_an_error(tiny_pipeline: AdapterPipeline) -> None:
+    with pytest.raises(EmptyContextError, match="empty"):
+        tiny_pipeline.adapt_ids([])
+
+
+def test_generator_for_another_base_model_is_rejected(tiny_base: BaseModel) -> None:
+    config = GeneratorConfig(
+        base_model="other",
+        hidden_size=32,
+        num_layers=2,
+        modules={"o_proj": (32, 32)},
+        inner_size=32,
+        rank=8,
+        module_paths={"o_proj": "self_attn.o_proj"},
+    )
+    with pytest.raises(GeneratorError, match="built for other"):
+        AdapterPipeline(tiny_base, AdapterGenerator(config))
+
+
+def test_missing_generator_folder_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(GeneratorError, match="cannot read"):
+        load_generator(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("bad", [{"rank": 12}, {"rank": 64, "inner_size": 32}, {"window": 0}])
+def test_bad_config_says_what_to_change(tiny_base: BaseModel, bad: dict) -> None:
+    with pytest.raises(ValueError):
+        GeneratorConfig.for_base_model(tiny_base.model, tiny_base.name, **bad)
+
+
+def test_down_proj_target(tiny_pipeline: AdapterPipeline, tmp_path: Path) -> None:
+    base = tiny_pipeline.base
+    gen = random_generator(base, target_modules=("o_proj", "down_proj"), window=16, rank=8)
+    pipeline = AdapterPipeline(base, gen)
+    adapter = pipeline.adapt_ids(IDS)
+    assert adapter.factors["model.layers.1.mlp.down_proj"][0].shape == (1, 8, 96)
+    folder = write_peft_folder(tmp_path / "a", adapter.peft_bytes(), pipeline.peft_config())
+    assert '"down_proj"' in (folder / PEFT_CONFIG_FILE).read_text()
+    ours = logits(pipeline, IDS, adapter.factors)
+    assert (ours - peft_logits(base, folder, IDS)).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_matches_peft(smollm2: BaseModel, tmp_path: Path) -> None:
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2))
+    assert pipeline.config.inner_size == 128 and pipeline.config.rank == 16
+    text = "The Eiffel Tower is in Paris. It was finished in 1889 for the World's Fair. " * 8
+    adapter = pipeline.adapt(text)
+    folder = write_peft_folder(tmp_path / "smol", adapter.peft_bytes(), pipeline.peft_config())
+    ids = pipeline.tokenize("Where is the Eiffel Tower?")
+    ours = logits(pipeline, ids, adapter.factors)
+    assert (ours - logits(pipeline, ids)).abs().max() > 1e-3
+    assert (ours - peft_logits(smollm2, folder, ids)).abs().max() < 1e-4
