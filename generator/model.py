@@ -46,7 +46,7 @@ class ModuleGenerator(nn.Module):
         return k.transpose(-1, -2) @ v  # (b, d_r, d_r)
 
     def lora(self, s: Tensor, config: GeneratorConfig) -> tuple[Tensor, Tensor]:
-        """Normalize S (b, d_r, d_r) and fold it into LoRA factors A (b, r', d_in), B (b, d_out, r')."""
+        """Normalize S (b, d_r, d_r); fold it into LoRA A (b, r', d_in) and B (b, d_out, r')."""
         s = s.float()
         if config.normalization == "svd":
             u, v = _svd_factors(s, config.rank)  # (b, d_r, r) each
