@@ -31,14 +31,14 @@ def tiny_llama(folder: Path) -> BaseModel:
     return BaseModel(name="tiny-llama", path=folder, model=model, tokenizer=None)  # type: ignore[arg-type]
 
 
-def random_generator(base: BaseModel, **overrides: object) -> AdapterGenerator:
+def random_generator(base: BaseModel, std: float = 0.05, **overrides: object) -> AdapterGenerator:
     """A generator whose B is random, so its adapters are non-zero (an untrained one is zero)."""
     config = GeneratorConfig.for_base_model(base.model, base.name, **overrides)
     torch.manual_seed(1)
     generator = AdapterGenerator(config)
     for p in generator.parameters():
         if p.dim() == 2 and p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.05)
+            torch.nn.init.normal_(p, std=std)
     return generator
 
 
