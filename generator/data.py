@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from generator.base_model import cache_root
+
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = (
-    Path(os.environ.get("GENADAPTER_CACHE", "~/.cache/genadapter")).expanduser() / "data"
-)
+DEFAULT_DATA_DIR = cache_root() / "data"
 PACKAGE = "bigbench==1.0.0"
 PIP = "pip==25.3"  # last pip release tested to download PACKAGE; see download_archive
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"

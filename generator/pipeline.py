@@ -111,13 +111,16 @@ class AdapterPipeline:
     def tokenize(self, text: str) -> list[int]:
         return self.base.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def window_state(self, ids: Tensor, mask: Tensor | None, factors: LoRAFactors | None) -> State:
-        """S of one window (b, W), read by the base model with `factors` applied."""
+    def read_window(
+        self, ids: Tensor, mask: Tensor | None, factors: LoRAFactors | None, logits: bool = False
+    ) -> tuple[State, Tensor]:
+        """S of one window (b, W), read by the base model with `factors` applied, and its logits
+        (all positions when `logits`, else only the last: the lm_head is costly)."""
         with applied(self.lora_layers, factors):
-            out = self.base.model.model(
-                input_ids=ids, attention_mask=mask, output_hidden_states=True
-            )
-        return self.generator.state(out.hidden_states[:-1], mask)  # [l] = input of layer l
+            out = self.base.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                  logits_to_keep=0 if logits else 1)
+        # hidden_states[l] is the input of decoder layer l; the last entry is the final norm.
+        return self.generator.state(out.hidden_states[:-1], mask), out.logits
 
     @torch.no_grad()
     def adapt_ids(self, ids: list[int], parent: Adapter | None = None) -> Adapter:
@@ -129,7 +132,7 @@ class AdapterPipeline:
         for start in range(0, len(ids), w):
             window = torch.tensor([ids[start : start + w]], device=self.base.model.device)
             factors = None if state is None else self.generator.lora(state)
-            state = add_states(state, self.window_state(window, None, factors))
+            state = add_states(state, self.read_window(window, None, factors)[0])
         assert state is not None
         tokens = len(ids) + (parent.tokens if parent else 0)
         return Adapter(state=state, tokens=tokens, factors=self.generator.lora(state))
