@@ -1,0 +1,239 @@
+"""The wire format, typed once; the server and `clients/` both import it.
+
+OpenAI's request and response classes come first, named and ordered as OpenAI's; our own
+additions (adapt, generate, adapter metadata) follow.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ADAPTER_ID_PATTERN = r"^ga-[0-9a-f]{32}$"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class OpenAIModel(BaseModel):
+    """Unknown request fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- OpenAI: errors, models -------------------------------------------------------------------
+
+
+class ErrorInfo(OpenAIModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(OpenAIModel):
+    error: ErrorInfo
+
+
+class ModelCard(OpenAIModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "genadapter"
+    parent: str | None = Field(None, description="for an adapter: the base model it adapts")
+
+
+class ModelList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class UsageInfo(OpenAIModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"] | None
+
+
+class SamplingFields(OpenAIModel):
+    """Sampling options shared by chat, completions and generate (OpenAI's names)."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+# --- OpenAI: chat completions -----------------------------------------------------------------
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+
+class ChatCompletionResponseChoice(OpenAIModel):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionResponseStreamChoice(OpenAIModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class ChatCompletionStreamResponse(OpenAIModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+
+
+# --- OpenAI: completions ----------------------------------------------------------------------
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str = Field(description="one prompt per request")
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+
+class CompletionResponseChoice(OpenAIModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason = None
+    logprobs: None = None
+
+
+class CompletionResponse(OpenAIModel):
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo | None = None
+
+
+CompletionStreamResponse = CompletionResponse  # OpenAI streams the same object, one delta each
+
+
+# --- Our additions: adapters ------------------------------------------------------------------
+
+
+class AdaptRequest(BaseModel):
+    """Exactly one of `context`, `messages`, `documents`; `parent` extends an adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context: str | None = Field(None, description="a text to adapt to")
+    messages: list[ChatMessage] | None = Field(None, description="a chat history")
+    documents: list[str] | None = Field(None, description="documents, read in order")
+    parent: str | None = Field(
+        None, pattern=ADAPTER_ID_PATTERN, description="adapter to extend with this context"
+    )
+
+    @model_validator(mode="after")
+    def exactly_one_input(self) -> AdaptRequest:
+        given = [k for k in ("context", "messages", "documents") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of context, messages, documents (got {given or 'none'})"
+            )
+        return self
+
+
+class AdapterInfo(BaseModel):
+    """What the store keeps beside an adapter's bytes (also GET /v1/adapters/{id})."""
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    created_at: int
+    tokens: int = Field(description="context tokens read, parents included")
+    base_model: str
+    fingerprint: str = Field(description="generator + base model that made it")
+    lora_rank: int
+    parent: str | None = None
+
+
+class AdaptResponse(BaseModel):
+    adapter_id: str
+    tokens: int
+    cached: bool = Field(description="true: an existing adapter, the generator did not run")
+    created_at: int
+    base_model: str
+    parent: str | None = None
+    seconds: float = Field(description="server-side time for this request")
+
+
+class DeleteResponse(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool
+
+
+class GenerateRequest(SamplingFields):
+    """The prompt is sent as one user turn through the base model's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str | None = Field(None, description="None: the base model alone")
+    prompt: str
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    adapter_id: str | None
+    text: str
+    finish_reason: FinishReason = None
+    usage: UsageInfo
+
+
+class GenerateStreamResponse(BaseModel):
+    id: str
+    adapter_id: str | None
+    text: str = Field(description="new text since the previous event")
+    finish_reason: FinishReason = None
+
+
+class HealthResponse(BaseModel):
+    ready: bool
+    engine: str = Field(description="'ok' or why not")
+    store: str = Field(description="'ok' or why not")

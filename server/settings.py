@@ -1,0 +1,36 @@
+"""Every server setting in one place: flags of `genadapter serve` or `GENADAPTER_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server configuration; each field is also the environment variable `GENADAPTER_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="GENADAPTER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    base_model: str | None = Field(None, description="HF folder or .gguf (default: SmolLM2)")
+    generator: Path | None = Field(None, description="generator folder (default: shipped one)")
+    served_model_name: str | None = Field(None, description="base model's API name")
+
+    redis_url: str | None = Field(None, description="None: in-process store")
+    redis_prefix: str = "genadapter"
+    adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")
+    memory_store_bytes: int = Field(2 << 30, gt=0, description="in-process store LRU budget")
+    lock_timeout_s: float = Field(300, gt=0, description="longest one adapt may hold its lock")
+
+    max_context_tokens: int = Field(32768, gt=0, description="longer contexts get 413")
+    default_max_tokens: int = Field(256, gt=0, description="when a request sets none")
+    shm_dir: Path = Path("/dev/shm/genadapter")
+
+    max_loras: int = Field(4, gt=0, description="distinct adapters in one batch")
+    max_cpu_loras: int = Field(32, gt=0, description="adapters kept loaded by vLLM")
+    max_model_len: int = Field(2048, gt=0)
+    kv_cache_gib: float = Field(2, gt=0)
+    dtype: str = "float32"  # CPUs here have no bf16 matrix units (DESIGN.md 3)

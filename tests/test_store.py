@@ -1,0 +1,167 @@
+"""Both adapter stores pass the same tests; Redis ones run against the real server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from server.errors import StoreUnavailable
+from server.protocol import AdapterInfo
+from server.store import AdapterStore, MemoryStore, RedisStore, StoredAdapter
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+MakeStore = Callable[..., AdapterStore]
+
+
+def entry(n: int, size: int = 100) -> StoredAdapter:
+    aid = f"ga-{n:032x}"
+    info = AdapterInfo(
+        id=aid, created_at=int(time.time()), tokens=n, base_model="m", fingerprint="f",
+        lora_rank=8,
+    )
+    return StoredAdapter(info, peft=bytes([n % 256]) * size, state=b"s" * size)
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A fresh Redis key prefix; its keys are deleted afterwards."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    yield prefix
+    r = aioredis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in r.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await r.delete(*keys)
+    await r.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[MakeStore]:
+    """Stores of one kind; Redis ones share one key prefix."""
+    made: list[AdapterStore] = []
+
+    def make(ttl_s: float = 60, budget: int = 1 << 20) -> AdapterStore:
+        store: AdapterStore
+        if request.param == "memory":
+            store = MemoryStore(budget, ttl_s)
+        else:
+            store = RedisStore(REDIS_URL, ttl_s, prefix=prefix, lock_timeout_s=30)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def test_put_get_touch_list_delete(make_store: MakeStore) -> None:
+    store = make_store()
+    a, b = entry(1), entry(2)
+    assert await store.get(a.info.id) is None
+    await store.put(a)
+    await store.put(b)
+    assert await store.get(a.info.id) == a
+    assert await store.touch(b.info.id) == b.info
+    assert sorted(i.id for i in await store.list()) == [a.info.id, b.info.id]
+    assert await store.delete(a.info.id) is True
+    assert await store.delete(a.info.id) is False
+    assert await store.get(a.info.id) is None
+    assert await store.touch(a.info.id) is None
+    assert [i.id for i in await store.list()] == [b.info.id]
+
+
+async def test_ttl_slides_on_every_read(make_store: MakeStore) -> None:
+    store = make_store(ttl_s=1.5)
+    a = entry(3)
+    await store.put(a)
+    for _ in range(3):  # 2.7 s in all: alive only because each read slides the TTL
+        await asyncio.sleep(0.9)
+        assert await store.get(a.info.id) == a
+    await asyncio.sleep(2.0)
+    assert await store.get(a.info.id) is None
+
+
+async def test_failed_factory_stores_nothing(make_store: MakeStore) -> None:
+    store = make_store()
+    a = entry(4)
+
+    async def fail() -> StoredAdapter:
+        raise RuntimeError("generator crashed")
+
+    with pytest.raises(RuntimeError):
+        await store.get_or_create(a.info.id, fail)
+    assert await store.get(a.info.id) is None
+    assert await store.list() == []
+
+    async def ok() -> StoredAdapter:
+        return a
+
+    assert await store.get_or_create(a.info.id, ok) == (a, True)  # the lock was released
+    assert await store.get_or_create(a.info.id, fail) == (a, False)
+
+
+async def test_single_flight_runs_factory_once(make_store: MakeStore) -> None:
+    first = make_store()
+    # Two RedisStores = two processes sharing Redis; a MemoryStore is shared within a process.
+    stores = [first, make_store() if isinstance(first, RedisStore) else first]
+    a = entry(5)
+    calls = 0
+
+    async def slow_factory() -> StoredAdapter:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        return a
+
+    results = await asyncio.gather(
+        *(stores[i % 2].get_or_create(a.info.id, slow_factory) for i in range(8))
+    )
+    assert calls == 1
+    assert all(adapter == a for adapter, _ in results)
+    assert sum(created for _, created in results) == 1
+
+
+async def test_memory_store_evicts_least_recently_used() -> None:
+    size = entry(0).nbytes
+    store = MemoryStore(budget_bytes=3 * size, ttl_s=60)
+    for n in (1, 2, 3):
+        await store.put(entry(n))
+    assert await store.get(entry(1).info.id) is not None  # 1 is now the most recent
+    await store.put(entry(4))
+    assert await store.get(entry(2).info.id) is None  # least recently used went first
+    assert {i.tokens for i in await store.list()} == {1, 3, 4}
+    assert store.nbytes <= store.budget_bytes
+
+
+async def test_redis_entry_missing_a_part_reads_as_missing(prefix: str) -> None:
+    """Under allkeys-lru Redis may evict one key of an entry; the rest is then dropped."""
+    store = RedisStore(REDIS_URL, ttl_s=60, prefix=prefix)
+    keys = [store._key(entry(6).info.id, p) for p in ("peft", "state", "meta")]
+    for part in ("peft", "state", "meta"):
+        a = entry(6)
+        await store.put(a)
+        await store.redis.delete(store._key(a.info.id, part))  # as allkeys-lru would
+        assert await store.get(a.info.id) is None
+        assert await store.touch(a.info.id) is None
+        assert await store.redis.exists(*keys) == 0
+    await store.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_unreachable_redis_raises_store_unavailable() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0", ttl_s=60)
+    for call in (store.ping(), store.get(entry(7).info.id), store.put(entry(7)), store.list()):
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            await call
+    await store.close()
