@@ -149,6 +149,12 @@ class AdapterPipeline:
         return peft_config(self.config, str(self.base.path))
 
 
+def new_generator(base: BaseModel, seed: int = 0, **overrides: object) -> AdapterGenerator:
+    """An untrained generator sized for `base` (its adapters are exactly zero)."""
+    torch.manual_seed(seed)
+    return AdapterGenerator(GeneratorConfig.for_base_model(base.model, base.name, **overrides))
+
+
 def load_pipeline(
     base_model: str | Path | None = None, generator_dir: Path | None = None
 ) -> AdapterPipeline:
@@ -160,9 +166,6 @@ def load_pipeline(
     base = load_base_model(base_model)
     folder = generator_dir or DEFAULT_GENERATOR_DIR
     if generator_dir is not None or (folder / WEIGHTS_FILE).is_file():
-        generator = load_generator(folder)
-    else:
-        log.warning("no trained generator at %s: using an untrained one (zero adapters)", folder)
-        torch.manual_seed(0)
-        generator = AdapterGenerator(GeneratorConfig.for_base_model(base.model, base.name))
-    return AdapterPipeline(base, generator)
+        return AdapterPipeline(base, load_generator(folder))
+    log.warning("no trained generator at %s: using an untrained one (zero adapters)", folder)
+    return AdapterPipeline(base, new_generator(base))

@@ -1,0 +1,39 @@
+"""Prompt formats shared by instruction tuning and evaluation, so both see the same text."""
+
+from __future__ import annotations
+
+import random
+
+QA_INSTRUCTION = "Answer with a short phrase from the text."
+
+
+def qa_prompt(question: str, context: str | None = None) -> str:
+    """User message for document QA; `context` in the prompt is the in-context baseline."""
+    head = f"{context}\n\n" if context else ""
+    return f"{head}{QA_INSTRUCTION}\nQuestion: {question}"
+
+
+def demos_text(demos: list[dict]) -> str:
+    """k labelled examples as one context: what the adapter (or the prompt) learns from."""
+    return "\n\n".join(f"Input: {d['input']}\nLabel: {d['label']}" for d in demos)
+
+
+def cls_prompt(example: dict, demos: list[dict] | None = None) -> str:
+    """User message for few-shot classification; `demos` in the prompt is the ICL baseline."""
+    head = f"{demos_text(demos)}\n\n" if demos else ""
+    options = ", ".join(example["labels"])
+    return f"{head}Classify the input. Options: {options}.\nInput: {example['input']}\nLabel:"
+
+
+def by_task(rows: list[dict]) -> dict[str, list[dict]]:
+    pool: dict[str, list[dict]] = {}
+    for r in rows:
+        pool.setdefault(r["task"], []).append(r)
+    return pool
+
+
+def sample_demos(pool: dict[str, list[dict]], task: str, k: int, rng: random.Random,
+                 exclude: str | None = None) -> list[dict]:
+    """k demonstrations of `task` from `pool`, never the example being asked about."""
+    candidates = [r for r in pool[task] if r["input"] != exclude]
+    return rng.sample(candidates, min(k, len(candidates)))

@@ -1,0 +1,296 @@
+"""Train the adapter generator: self-supervised (completion + reconstruction), then instructions.
+
+One script from a laptop CPU to many GPUs: `accelerate launch -m generator.cli train ...` gives
+DDP; bf16 autocast on GPU; resumable checkpoints; a progress bar; metrics as JSONL + a PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from generator.data import DEFAULT_DATA_DIR, load_split
+from generator.lora import applied
+from generator.model import add_states
+from generator.pipeline import AdapterPipeline, save_generator
+from generator.tasks import by_task, cls_prompt, demos_text, qa_prompt, sample_demos
+
+IGNORE = -100  # label of tokens without loss
+
+
+@dataclass
+class TrainConfig:
+    out_dir: Path
+    data_dir: Path = DEFAULT_DATA_DIR
+    window: int = 128  # W during training; a shorter window than serving keeps CPU steps cheap
+    windows: int = 4  # context windows per self-supervised sequence
+    batch_size: int = 1
+    pretrain_steps: int = 600
+    instruct_steps: int = 300
+    instruct_pretrain_mix: float = 0.25  # share of self-supervised steps while instruction tuning
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    max_minutes: float | None = None  # stop (resumably) after this long
+    grad_checkpointing: bool = False
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.pretrain_steps + self.instruct_steps
+
+
+@dataclass
+class Batch:
+    """Context windows (b, n, W) that make the adapter, then a target (b, T) scored with it."""
+
+    context: Tensor
+    context_mask: Tensor
+    target: Tensor
+    target_labels: Tensor
+    completion: bool  # also score each context window t > 0 with the adapter of windows < t
+
+    def tokens(self) -> int:
+        return int(self.context_mask.sum() + (self.target_labels != IGNORE).sum())
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy over positions whose label is not IGNORE."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE)
+
+
+class Objective(nn.Module):
+    """The training loss; an nn.Module so DDP syncs the generator's gradients."""
+
+    def __init__(self, pipeline: AdapterPipeline) -> None:
+        super().__init__()
+        self.generator = pipeline.generator
+        self._pipeline = [pipeline]  # in a list: the frozen base model is not a submodule
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        pipeline = self._pipeline[0]
+        state, factors, completion = None, None, []
+        for t in range(batch.context.shape[1]):
+            ids, mask = batch.context[:, t], batch.context_mask[:, t]
+            attention = mask.clone()
+            attention[:, 0] = 1  # an all-padding window must still attend somewhere (no NaN)
+            score = batch.completion and t > 0
+            s, logits = pipeline.read_window(ids, attention, factors, logits=score)
+            if score:
+                completion.append(lm_loss(logits, ids.masked_fill(mask == 0, IGNORE)))
+            state = add_states(state, s)
+            factors = self.generator.lora(state)
+        with applied(pipeline.lora_layers, factors):
+            logits = pipeline.base.model(input_ids=batch.target).logits
+        target = lm_loss(logits, batch.target_labels)
+        if not completion:
+            return {"loss": target, "instruct": target}
+        completion_loss = torch.stack(completion).mean()
+        return {"loss": 0.5 * completion_loss + 0.5 * target, "completion": completion_loss,
+                "reconstruction": target}
+
+
+class BatchSampler:
+    """Endless random batches from the train splits (never validation or test)."""
+
+    def __init__(self, pipeline: AdapterPipeline, config: TrainConfig, rank: int) -> None:
+        self.pipeline, self.config = pipeline, config
+        self.rng = random.Random(config.seed * 1000 + rank)
+        tok = pipeline.base.tokenizer
+        span = config.window * config.windows
+        self.sequences: list[list[int]] = []
+        for row in load_split(config.data_dir, "pretrain", "train"):
+            if row.get("lang", "en") != "en":
+                continue  # SmolLM2 is an English model
+            ids = tok(row["text"], add_special_tokens=False)["input_ids"]
+            self.sequences += [ids[i:i + span] for i in range(0, len(ids) - span + 1, span)]
+        self.qa = (load_split(config.data_dir, "qa_conflicts", "train")
+                   + load_split(config.data_dir, "qa_rc", "train"))
+        self.cls = by_task(load_split(config.data_dir, "cls", "train"))
+
+    def pretrain(self) -> Batch:
+        c = self.config
+        rows = torch.tensor([self.rng.choice(self.sequences) for _ in range(c.batch_size)])
+        context = rows.view(c.batch_size, c.windows, c.window)
+        j = self.rng.randrange(c.windows)  # reconstruct a window the adapter has read
+        return Batch(context, torch.ones_like(context), context[:, j], context[:, j].clone(), True)
+
+    def instruct_example(self) -> tuple[str, str, str]:
+        """(context, user message, answer) from QA or few-shot classification."""
+        if self.rng.random() < 0.7:
+            row = self.rng.choice(self.qa)
+            return row["context"], qa_prompt(row["question"]), row["answer"]
+        task = self.rng.choice(sorted(self.cls))
+        row = self.rng.choice(self.cls[task])
+        demos = sample_demos(self.cls, task, self.rng.choice((4, 16)), self.rng, row["input"])
+        return demos_text(demos), cls_prompt(row), row["label"]
+
+    def instruct(self) -> Batch:
+        c, tok = self.config, self.pipeline.base.tokenizer
+        contexts, targets, labels = [], [], []
+        for _ in range(c.batch_size):
+            context, prompt, answer = self.instruct_example()
+            contexts.append(tok(context, add_special_tokens=False)["input_ids"][:c.window * 8])
+            p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+            a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+            targets.append(list(p) + a)
+            labels.append([IGNORE] * len(p) + a)
+        n = max(math.ceil(len(x) / c.window) for x in contexts)
+        context = torch.full((c.batch_size, n * c.window), tok.pad_token_id or 0)
+        context_mask = torch.zeros_like(context)
+        for i, x in enumerate(contexts):
+            context[i, :len(x)] = torch.tensor(x)
+            context_mask[i, :len(x)] = 1
+        t = max(map(len, targets))
+        target = torch.tensor([x + [tok.pad_token_id or 0] * (t - len(x)) for x in targets])
+        target_labels = torch.tensor([x + [IGNORE] * (t - len(x)) for x in labels])
+        shape = (c.batch_size, n, c.window)
+        return Batch(context.view(shape), context_mask.view(shape), target, target_labels, False)
+
+    def batch(self, step: int) -> tuple[str, Batch]:
+        """The batch of `step`: self-supervised first, then mostly instructions."""
+        instruct = (step >= self.config.pretrain_steps
+                    and self.rng.random() >= self.config.instruct_pretrain_mix)
+        return ("instruct", self.instruct()) if instruct else ("pretrain", self.pretrain())
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return Batch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in fields.items()})
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save keeps the previous checkpoint
+
+
+def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
+    """Train `pipeline.generator` in place; returns the folder of the final generator.
+
+    Resumes from `out_dir/checkpoint.pt` when it exists (same config assumed).
+    """
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    base = pipeline.base.model.to(accelerator.device)
+    if config.grad_checkpointing:
+        base.gradient_checkpointing_enable()
+        base.train()  # HF checkpoints only in train mode; Llama has no dropout to switch on
+    objective = Objective(pipeline).to(accelerator.device)
+    objective.generator.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(objective.generator.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    sampler = BatchSampler(pipeline, config, accelerator.process_index)
+
+    ckpt_path, step = out / "checkpoint.pt", 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        objective.generator.load_state_dict(ckpt["generator"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        sampler.rng.setstate(ckpt["rng"])
+        step = ckpt["step"]
+    model, optimizer = accelerator.prepare(objective, optimizer)
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            _save_checkpoint(ckpt_path, {
+                "generator": objective.generator.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": sampler.rng.getstate(),
+                "config": {k: str(v) for k, v in dataclasses.asdict(config).items()}})
+
+    started = time.monotonic()
+    bar = tqdm(total=config.total_steps, initial=step, desc="train",
+               disable=not accelerator.is_main_process)
+    with (out / "metrics.jsonl").open("a") as metrics:
+        while step < config.total_steps:
+            t0 = time.monotonic()
+            kind, batch = sampler.batch(step)
+            batch = _to(batch, accelerator.device)
+            with accelerator.autocast():
+                losses = model(batch)
+            if not torch.isfinite(losses["loss"]):  # a degenerate SVD: skip, do not poison Adam
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                continue
+            accelerator.backward(losses["loss"])
+            grad_norm = accelerator.clip_grad_norm_(objective.generator.parameters(),
+                                                    config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_per_s = batch.tokens() * accelerator.num_processes / (time.monotonic() - t0)
+            row = {"step": step, "kind": kind, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "tokens_per_s": round(tokens_per_s, 1),
+                   **{k: round(v.item(), 4) for k, v in losses.items()}}
+            if accelerator.is_main_process:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            bar.set_postfix(kind=kind, loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+            bar.update()
+            if step % config.checkpoint_every == 0 or step == config.total_steps:
+                checkpoint()
+            if config.max_minutes and time.monotonic() - started > 60 * config.max_minutes:
+                checkpoint()
+                break
+    bar.close()
+    final = out / "generator"
+    if accelerator.is_main_process:
+        objective.generator.eval()
+        save_generator(objective.generator, final)
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+    return final
+
+
+def _lr_lambda(config: TrainConfig):  # noqa: ANN202 (a closure for LambdaLR)
+    def scale(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.total_steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return scale
+
+
+def plot_losses(metrics_file: Path, png: Path, smooth: int = 20) -> None:
+    """Loss curves per kind of step, smoothed by a running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("completion", "reconstruction", "instruct"):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if not points:
+            continue
+        steps, values = zip(*points, strict=True)
+        spans = [values[max(0, i - smooth + 1):i + 1] for i in range(len(values))]
+        ax.plot(steps, [sum(s) / len(s) for s in spans], label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
