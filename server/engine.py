@@ -1,0 +1,198 @@
+"""The generation engine: vLLM's multi-LoRA AsyncLLM, and the adapter folders it loads.
+
+vLLM 0.3x loads a LoRA only from a PEFT folder, so each adapter is written once per process
+under a RAM-backed folder (`shm_dir/<pid>/<adapter id>/`) and named in a `LoRARequest` with its
+own name, path and a stable integer id derived from the adapter id (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from generator.config import VLLM_LORA_RANKS
+from generator.lora import write_peft_folder
+from server.errors import EngineUnavailable, InvalidAdapterId
+from server.protocol import ADAPTER_ID_PATTERN
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from generator.pipeline import AdapterPipeline
+
+log = logging.getLogger(__name__)
+
+MAX_LORA_INT_ID = 2**31 - 1
+_ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
+
+
+def check_adapter_id(adapter_id: str) -> str:
+    """The id, if it has our exact form; it becomes a folder name, so nothing else may pass."""
+    if not _ADAPTER_ID.fullmatch(adapter_id):
+        raise InvalidAdapterId(
+            f"invalid adapter id {adapter_id[:80]!r}: expected 'ga-' and 32 hex digits",
+            param="adapter_id",
+        )
+    return adapter_id
+
+
+def vllm_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds `rank`."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """What the engine needs to apply one adapter (vLLM's LoRARequest fields)."""
+
+    name: str
+    int_id: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one request since the previous Delta."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+class Engine(Protocol):
+    """What the server needs from an engine; tests pass a fake one."""
+
+    def generate(
+        self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
+    ) -> AsyncIterator[Delta]:
+        """Stream the new text and token ids of one request (an async generator)."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise EngineUnavailable if it cannot serve."""
+
+    def shutdown(self) -> None: ...
+
+
+class LoRAFolders:
+    """Adapter folders of this process, at most `capacity`, least recently used removed first.
+
+    Integer ids come from the adapter id's hash; a clash within the process (1 in 2**31 per
+    pair) moves to the next free integer, so two adapters never share a vLLM slot.
+    """
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        self.root = root / str(os.getpid())
+        self.capacity = capacity
+        self._loras: OrderedDict[str, LoRA] = OrderedDict()
+        self._int_ids: dict[int, str] = {}
+
+    def get(self, adapter_id: str) -> LoRA | None:
+        lora = self._loras.get(check_adapter_id(adapter_id))
+        if lora is None or not lora.path.is_dir():
+            return None
+        self._loras.move_to_end(adapter_id)
+        return lora
+
+    def add(self, adapter_id: str, peft: bytes, config: dict[str, object]) -> LoRA:
+        path = self.root / check_adapter_id(adapter_id)
+        write_peft_folder(path, peft, config)
+        lora = self._loras.get(adapter_id) or LoRA(adapter_id, self._int_id(adapter_id), path)
+        self._loras[adapter_id] = lora
+        self._loras.move_to_end(adapter_id)
+        while len(self._loras) > self.capacity:
+            self.remove(next(iter(self._loras)))
+        return lora
+
+    def _int_id(self, adapter_id: str) -> int:
+        n = int(adapter_id[3:11], 16) % MAX_LORA_INT_ID + 1
+        while self._int_ids.get(n, adapter_id) != adapter_id:
+            n = n % MAX_LORA_INT_ID + 1
+        self._int_ids[n] = adapter_id
+        return n
+
+    def remove(self, adapter_id: str) -> None:
+        lora = self._loras.pop(check_adapter_id(adapter_id), None)
+        if lora is not None:
+            del self._int_ids[lora.int_id]
+            shutil.rmtree(lora.path, ignore_errors=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self._loras.clear()
+        self._int_ids.clear()
+
+
+class VllmEngine:
+    """vLLM's AsyncLLM with LoRA enabled; starts an engine-core and a worker process."""
+
+    def __init__(self, settings: Settings, pipeline: AdapterPipeline) -> None:
+        from server.vllm_env import apply_vllm_env
+
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gib:g}"
+        apply_vllm_env()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(pipeline.base.path),
+            enable_lora=True,
+            max_lora_rank=vllm_rank(pipeline.config.lora_rank),
+            max_loras=settings.max_loras,
+            max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+            dtype=settings.dtype,
+            max_model_len=settings.max_model_len,
+            seed=0,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+
+    async def generate(
+        self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
+    ) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            stop=options.stop,
+            seed=options.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request = None if lora is None else LoRARequest(lora.name, lora.int_id, str(lora.path))
+        stream = self.llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=request
+        )
+        async for out in stream:
+            c = out.outputs[0]
+            yield Delta(c.text, list(c.token_ids), c.finish_reason if out.finished else None)
+
+    async def check_health(self) -> None:
+        try:
+            await self.llm.check_health()
+        except Exception as e:  # vLLM raises its own EngineDeadError and others
+            raise EngineUnavailable(f"engine unavailable: {e}") from e
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

@@ -1,0 +1,75 @@
+"""The FastAPI app: `create_app(settings)` wires the pipeline, the store and the engine.
+
+Tests pass a small pipeline, a store and a fake engine factory; `genadapter serve` passes none
+and gets the real ones (vLLM starts in the lifespan, in about a minute on a CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from generator.pipeline import AdapterPipeline, load_pipeline
+from server.engine import Engine, LoRAFolders, VllmEngine
+from server.errors import install_error_handlers
+from server.routers import adapters, generate, health, openai
+from server.service import AdapterService, GenerationService
+from server.settings import Settings
+from server.store import AdapterStore, open_store
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings, AdapterPipeline], Engine]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    pipeline: AdapterPipeline | None = None,
+    store: AdapterStore | None = None,
+    engine_factory: EngineFactory = VllmEngine,
+) -> FastAPI:
+    """The server app; what is not given is built from `settings` when the app starts."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pipe = pipeline or await asyncio.to_thread(
+            load_pipeline, settings.base_model, settings.generator
+        )
+        adapter_store = store or open_store(settings)
+        log.info("starting the engine for %s", pipe.base.path)
+        engine = engine_factory(settings, pipe)
+        folders = LoRAFolders(settings.shm_dir, capacity=2 * settings.max_cpu_loras)
+        app.state.settings = settings
+        app.state.adapters = AdapterService(pipe, adapter_store, settings)
+        app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
+        log.info("ready: base model %r", app.state.adapters.base_name)
+        try:
+            yield
+        finally:
+            engine.shutdown()
+            folders.clear()
+            await adapter_store.close()
+
+    app = FastAPI(
+        title="Generative Adapter server",
+        summary="A context becomes a LoRA adapter in one forward pass; served by vLLM.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for module in (adapters, generate, openai, health):
+        app.include_router(module.router)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the server with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -1,0 +1,35 @@
+"""Adapters: make one from a context, read its metadata, delete it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.deps import AdapterServiceDep
+from server.protocol import AdapterInfo, AdaptRequest, AdaptResponse, DeleteResponse
+from server.routers import ERRORS
+
+router = APIRouter(tags=["adapters"], responses=ERRORS)
+
+
+async def adapt(request: AdaptRequest, service: AdapterServiceDep) -> AdaptResponse:
+    """Turn a context into an adapter, or return the cached one; `parent` extends an adapter."""
+    return await service.adapt(request)
+
+
+router.add_api_route("/v1/adapt", adapt, methods=["POST"], response_model=AdaptResponse)
+router.add_api_route(
+    "/adapt", adapt, methods=["POST"], response_model=AdaptResponse, operation_id="adapt_alias",
+    summary="Adapt (alias of /v1/adapt)",
+)
+
+
+@router.get("/v1/adapters/{adapter_id}")
+async def get_adapter(adapter_id: str, service: AdapterServiceDep) -> AdapterInfo:
+    """An adapter's metadata (this also extends its time to live)."""
+    return await service.info(adapter_id)
+
+
+@router.delete("/v1/adapters/{adapter_id}")
+async def delete_adapter(adapter_id: str, service: AdapterServiceDep) -> DeleteResponse:
+    """Delete an adapter from the store; later requests naming it get 404."""
+    return DeleteResponse(id=adapter_id, deleted=await service.delete(adapter_id))

@@ -1,0 +1,54 @@
+"""Generate: a prompt answered with an adapter (or the base model), streamed on request."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from server.deps import GenerationServiceDep
+from server.protocol import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerateStreamResponse,
+    UsageInfo,
+    new_id,
+)
+from server.routers import ERRORS
+from server.streaming import sse_response
+
+router = APIRouter(tags=["generate"], responses=ERRORS)
+
+
+@router.post("/v1/generate", response_model=GenerateResponse)
+async def generate(
+    request: GenerateRequest, service: GenerationServiceDep
+) -> GenerateResponse | StreamingResponse:
+    """Answer `prompt` (one user turn) with the adapter; server-sent events if `stream`."""
+    lora = await service.lora(request.adapter_id)
+    ids = service.user_prompt(request.prompt)
+    options = service.options(request, len(ids))
+    rid = new_id("gen")
+    if request.stream:
+        deltas = await service.stream(ids, options, lora)
+        return sse_response(
+            GenerateStreamResponse(
+                id=rid, adapter_id=request.adapter_id, text=d.text, finish_reason=d.finish_reason
+            )
+            async for d in deltas
+        )
+    c = await service.complete(ids, options, lora)
+    return GenerateResponse(
+        id=rid,
+        adapter_id=request.adapter_id,
+        text=c.text,
+        finish_reason=c.finish_reason,
+        usage=usage(c.prompt_tokens, c.completion_tokens),
+    )
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )

@@ -1,0 +1,294 @@
+"""The server's logic, free of HTTP: making adapters (AdapterService) and text (GenerationService).
+
+Routes only translate between these and the wire format, so this is what the unit tests drive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+from generator.pipeline import (
+    Adapter,
+    AdapterPipeline,
+    EmptyContextError,
+    adapter_id,
+    state_from_bytes,
+)
+from server import metrics
+from server.engine import Delta, Engine, LoRA, LoRAFolders, SamplingOptions, check_adapter_id
+from server.errors import (
+    AdapterMismatch,
+    AdapterNotFound,
+    ContextTooLong,
+    EmptyContext,
+    EngineUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    ServerError,
+)
+from server.protocol import (
+    AdapterInfo,
+    AdaptRequest,
+    AdaptResponse,
+    ChatMessage,
+    SamplingFields,
+    new_id,
+    now,
+)
+from server.settings import Settings
+from server.store import AdapterStore, StoredAdapter
+
+
+class AdapterService:
+    """Context -> adapter, cached by content address; one generator run per new context."""
+
+    def __init__(self, pipeline: AdapterPipeline, store: AdapterStore, settings: Settings) -> None:
+        self.pipeline = pipeline
+        self.store = store
+        self.settings = settings
+        self.base_name = settings.served_model_name or pipeline.base.name
+        # The pipeline patches shared LoRA layers while it runs: one adapt at a time.
+        self._generator_lock = asyncio.Lock()
+
+    def context_text(self, request: AdaptRequest) -> str:
+        """One canonical string per input, so equal inputs hash to equal ids."""
+        if request.messages is not None:
+            if not request.messages:
+                return ""
+            messages = [m.model_dump() for m in request.messages]
+            return self.pipeline.base.tokenizer.apply_chat_template(messages, tokenize=False)
+        if request.documents is not None:
+            return "\n\n".join(request.documents)
+        return request.context or ""
+
+    async def adapt(self, request: AdaptRequest) -> AdaptResponse:
+        """The adapter of this context (extending `parent` if given), from cache or generated."""
+        start = time.perf_counter()
+        text = self.context_text(request)
+        ids = await asyncio.to_thread(self.pipeline.tokenize, text) if text.strip() else []
+        if not ids:
+            raise EmptyContext("context is empty: it has no tokens to adapt to", param="context")
+        limit = self.settings.max_context_tokens
+        if len(ids) > limit:
+            raise ContextTooLong(
+                f"context has {len(ids)} tokens; the limit is {limit} "
+                "(GENADAPTER_MAX_CONTEXT_TOKENS); split it and extend with `parent`",
+                param="context",
+            )
+        parent = None if request.parent is None else check_adapter_id(request.parent)
+        aid = adapter_id(self.pipeline.fingerprint, text, parent)
+        stored, created = await self.store.get_or_create(
+            aid, lambda: self._create(aid, ids, parent)
+        )
+        cache = "miss" if created else "hit"
+        seconds = time.perf_counter() - start
+        metrics.ADAPT_CACHE.labels(cache).inc()
+        metrics.ADAPT_SECONDS.labels(cache).observe(seconds)
+        info = stored.info
+        return AdaptResponse(
+            adapter_id=aid,
+            tokens=info.tokens,
+            cached=not created,
+            created_at=info.created_at,
+            base_model=info.base_model,
+            parent=info.parent,
+            seconds=seconds,
+        )
+
+    async def _create(self, aid: str, ids: list[int], parent_id: str | None) -> StoredAdapter:
+        parent_state = None
+        if parent_id is not None:
+            stored = await self.store.get(parent_id)
+            if stored is None:
+                raise AdapterNotFound(f"parent adapter {parent_id} not found", param="parent")
+            self.check_compatible(stored.info, extend=True)
+            parent_state = state_from_bytes(stored.state)
+        metrics.ADAPT_QUEUE.inc()
+        try:
+            async with self._generator_lock:
+                adapter = await asyncio.to_thread(self._run_generator, ids, parent_state)
+        finally:
+            metrics.ADAPT_QUEUE.dec()
+        info = AdapterInfo(
+            id=aid,
+            created_at=now(),
+            tokens=adapter.tokens,
+            base_model=self.base_name,
+            fingerprint=self.pipeline.fingerprint,
+            lora_rank=self.pipeline.config.lora_rank,
+            parent=parent_id,
+        )
+        return StoredAdapter(info, adapter.peft_bytes(), adapter.state_bytes())
+
+    def _run_generator(self, ids: list[int], parent_state: tuple | None) -> Adapter:
+        parent = None if parent_state is None else self.pipeline.restore(*parent_state)
+        try:
+            return self.pipeline.adapt_ids(ids, parent)
+        except EmptyContextError as e:
+            raise EmptyContext(str(e), param="context") from e
+
+    def check_compatible(self, info: AdapterInfo, extend: bool = False) -> None:
+        """A stored adapter made for another base model or rank (or, to extend it, another
+        generator) cannot be used here: say which, instead of failing inside vLLM."""
+        want = {"base_model": self.base_name, "lora_rank": self.pipeline.config.lora_rank}
+        if extend:
+            want["fingerprint"] = self.pipeline.fingerprint
+        for field, value in want.items():
+            if getattr(info, field) != value:
+                raise AdapterMismatch(
+                    f"adapter {info.id} has {field} {getattr(info, field)!r}; this server "
+                    f"serves {value!r} (it was made by a server with another setup)"
+                )
+
+    async def info(self, aid: str) -> AdapterInfo:
+        info = await self.store.touch(check_adapter_id(aid))
+        if info is None:
+            raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
+        return info
+
+    async def delete(self, aid: str) -> bool:
+        if not await self.store.delete(check_adapter_id(aid)):
+            raise AdapterNotFound(f"adapter {aid} not found")
+        return True
+
+    async def list(self) -> list[AdapterInfo]:
+        return await self.store.list()
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerationService:
+    """Prompts -> text with the base model or an adapter, through the multi-LoRA engine."""
+
+    def __init__(
+        self, adapters: AdapterService, engine: Engine, folders: LoRAFolders, settings: Settings
+    ) -> None:
+        self.adapters = adapters
+        self.pipeline = adapters.pipeline
+        self.store = adapters.store
+        self.engine = engine
+        self.folders = folders
+        self.settings = settings
+        self._materialize_lock = asyncio.Lock()  # one writer per adapter folder
+
+    def adapter_for_model(self, model: str) -> str | None:
+        """OpenAI's `model`: the base model's name (None) or an adapter id."""
+        if model == self.adapters.base_name:
+            return None
+        if model.startswith("ga-"):
+            return check_adapter_id(model)
+        raise ModelNotFound(
+            f"model {model!r} does not exist: use {self.adapters.base_name!r} or an adapter id",
+            param="model",
+        )
+
+    async def lora(self, aid: str | None) -> LoRA | None:
+        """The engine's handle for an adapter, fetched from the store if this process lacks it.
+
+        Every use slides the adapter's TTL; a deleted or expired adapter is a 404 here even if
+        this process still has its folder.
+        """
+        if aid is None:
+            return None
+        info = await self.store.touch(check_adapter_id(aid))
+        if info is None:
+            self.folders.remove(aid)
+            raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
+        async with self._materialize_lock:
+            if (lora := self.folders.get(aid)) is not None:
+                return lora
+            self.adapters.check_compatible(info)
+            stored = await self.store.get(aid)
+            if stored is None:
+                raise AdapterNotFound(f"adapter {aid} not found (expired just now)")
+            return self.folders.add(aid, stored.peft, self.pipeline.peft_config())
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        text = self.pipeline.base.tokenizer.apply_chat_template(
+            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        return self.pipeline.tokenize(text)
+
+    def user_prompt(self, prompt: str) -> list[int]:
+        return self.chat_prompt([ChatMessage(role="user", content=prompt)])
+
+    def options(
+        self, request: SamplingFields, prompt_tokens: int, max_tokens: int | None = None
+    ) -> SamplingOptions:
+        """Sampling options; the prompt plus the new tokens must fit the engine's length."""
+        room = self.settings.max_model_len - prompt_tokens
+        wanted = max_tokens or request.max_tokens
+        if room < 1 or (wanted is not None and wanted > room):
+            raise InvalidRequest(
+                f"prompt has {prompt_tokens} tokens and max_tokens is {wanted}; together they "
+                f"must fit max_model_len {self.settings.max_model_len}",
+                param="max_tokens",
+            )
+        stop = [request.stop] if isinstance(request.stop, str) else request.stop
+        return SamplingOptions(
+            max_tokens=wanted or min(self.settings.default_max_tokens, room),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=stop,
+            seed=request.seed,
+        )
+
+    async def stream(
+        self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None
+    ) -> AsyncIterator[Delta]:
+        """Start a generation and wait for its first output, so that failures to start raise
+        here (an HTTP error) rather than inside a response already sent."""
+        deltas = self.engine.generate(prompt_ids, options, lora, new_id("req"))
+        metrics.REQUESTS_IN_FLIGHT.inc()
+        try:
+            first = await anext(deltas, None)
+        except BaseException as e:
+            metrics.REQUESTS_IN_FLIGHT.dec()
+            await deltas.aclose()  # type: ignore[attr-defined]
+            raise_engine_error(e)
+        return self._rest(deltas, first, "base" if lora is None else "adapter")
+
+    async def _rest(
+        self, deltas: AsyncIterator[Delta], first: Delta | None, kind: str
+    ) -> AsyncIterator[Delta]:
+        try:
+            if first is not None:
+                metrics.GENERATED_TOKENS.labels(kind).inc(len(first.token_ids))
+                yield first
+            async for delta in deltas:
+                metrics.GENERATED_TOKENS.labels(kind).inc(len(delta.token_ids))
+                yield delta
+        except Exception as e:
+            raise_engine_error(e)
+        finally:
+            metrics.REQUESTS_IN_FLIGHT.dec()
+            await deltas.aclose()  # type: ignore[attr-defined]
+
+    async def complete(
+        self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None
+    ) -> Completion:
+        text, tokens, finish = [], 0, None
+        async for delta in await self.stream(prompt_ids, options, lora):
+            text.append(delta.text)
+            tokens += len(delta.token_ids)
+            finish = delta.finish_reason or finish
+        return Completion("".join(text), finish, len(prompt_ids), tokens)
+
+
+def raise_engine_error(e: BaseException) -> NoReturn:
+    """Our errors pass; the engine's bad-input errors are 400s, anything else a 503."""
+    if isinstance(e, ServerError) or not isinstance(e, Exception):
+        raise e
+    if isinstance(e, ValueError):
+        raise InvalidRequest(f"the engine refused the request: {e}") from e
+    raise EngineUnavailable(f"generation failed: {type(e).__name__}: {e}") from e

@@ -1,0 +1,398 @@
+"""The HTTP app with a fake engine and a tiny model: every route, every error path.
+
+The pipeline is real (a 2-layer random Llama with SmolLM2's tokenizer, so chat templates work);
+only vLLM is replaced, by an engine that echoes which adapter folder it was handed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from generator.base_model import BaseModel, resolve_model_dir
+from generator.lora import PEFT_WEIGHTS_FILE
+from generator.pipeline import AdapterPipeline
+from server.engine import Delta, LoRA, SamplingOptions
+from server.errors import EngineUnavailable
+from server.main import create_app
+from server.protocol import AdapterInfo
+from server.settings import Settings
+from server.store import AdapterStore, MemoryStore, RedisStore, StoredAdapter
+from tests.conftest import random_generator
+
+CONTEXT = "Zorblat is a small planet. Its capital is Velloran, famous for purple oceans."
+
+
+class FakeEngine:
+    """Yields `max_tokens` deltas naming the adapter; checks its folder is really there."""
+
+    def __init__(self, settings: Settings, pipeline: AdapterPipeline) -> None:
+        self.fail_after: int | None = None  # raise after this many deltas
+        self.healthy = True
+        self.loras: list[LoRA | None] = []
+
+    async def generate(
+        self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
+    ) -> AsyncIterator[Delta]:
+        self.loras.append(lora)
+        if lora is not None:
+            assert (lora.path / PEFT_WEIGHTS_FILE).is_file()
+        tag = "base" if lora is None else lora.name
+        for i in range(options.max_tokens):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise RuntimeError("worker died")
+            last = i == options.max_tokens - 1
+            yield Delta(f"{tag}:{i} ", [i], "length" if last else None)
+
+    async def check_health(self) -> None:
+        if not self.healthy:
+            raise EngineUnavailable("engine unavailable: fake engine down")
+
+    def shutdown(self) -> None:
+        self.healthy = False
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> AdapterPipeline:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(None)[1])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    folder = tmp_path_factory.mktemp("tiny-chat-llama")
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model.save_pretrained(folder)
+    base = BaseModel(name="tiny-chat-llama", path=folder, model=model, tokenizer=tokenizer)
+    return AdapterPipeline(base, random_generator(base, window=16, rank=8, inner_size=32))
+
+
+class App:
+    """A started app, its HTTP client, fake engine and store."""
+
+    def __init__(self, client: httpx.AsyncClient, engine: FakeEngine, store: AdapterStore,
+                 settings: Settings) -> None:
+        self.client, self.engine, self.store, self.settings = client, engine, store, settings
+
+    async def adapt(self, **body: object) -> dict:
+        r = await self.client.post("/v1/adapt", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+async def start_app(
+    pipeline: AdapterPipeline, store: AdapterStore, tmp_path: Path
+) -> AsyncIterator[App]:
+    settings = Settings(shm_dir=tmp_path / "shm", max_context_tokens=200, max_model_len=256)
+    engines: list[FakeEngine] = []
+
+    def factory(s: Settings, p: AdapterPipeline) -> FakeEngine:
+        engines.append(FakeEngine(s, p))
+        return engines[-1]
+
+    app = create_app(settings, pipeline=pipeline, store=store, engine_factory=factory)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield App(client, engines[0], store, settings)
+
+
+@pytest.fixture
+async def app(pipeline: AdapterPipeline, tmp_path: Path) -> AsyncIterator[App]:
+    async for a in start_app(pipeline, MemoryStore(1 << 30, 3600), tmp_path):
+        yield a
+
+
+def assert_error(r: httpx.Response, status: int, text: str) -> dict:
+    """OpenAI's error shape, the right status, and a message that says what is wrong."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert text in error["message"], error["message"]
+    return error
+
+
+def sse_events(text: str) -> list[str]:
+    lines = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    assert lines[-1] == "[DONE]"
+    return lines[:-1]
+
+
+# --- the happy paths ---------------------------------------------------------------------------
+
+
+async def test_adapt_cache_generate_info_models_delete(app: App) -> None:
+    first = await app.adapt(context=CONTEXT)
+    aid = first["adapter_id"]
+    assert aid.startswith("ga-") and first["cached"] is False and first["tokens"] > 0
+    again = await app.adapt(context=CONTEXT)
+    assert (again["adapter_id"], again["cached"]) == (aid, True)
+    alias = (await app.client.post("/adapt", json={"context": CONTEXT})).json()
+    assert (alias["adapter_id"], alias["cached"]) == (aid, True)
+
+    r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "Capital?",
+                                                    "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == f"{aid}:0 {aid}:1 {aid}:2 "
+    assert r.json()["usage"]["completion_tokens"] == 3
+    base = await app.client.post("/v1/generate", json={"prompt": "Capital?", "max_tokens": 1})
+    assert base.json()["text"] == "base:0 "
+
+    info = (await app.client.get(f"/v1/adapters/{aid}")).json()
+    assert (info["id"], info["tokens"], info["base_model"]) == (aid, first["tokens"],
+                                                                 "tiny-chat-llama")
+    models = [m["id"] for m in (await app.client.get("/v1/models")).json()["data"]]
+    assert models == ["tiny-chat-llama", aid]
+
+    assert (await app.client.delete(f"/v1/adapters/{aid}")).json()["deleted"] is True
+    r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "Capital?"})
+    assert_error(r, 404, "not found")
+    assert not (app.settings.shm_dir / str(os.getpid()) / aid).exists()
+
+
+async def test_messages_and_documents_inputs(app: App) -> None:
+    messages = [{"role": "user", "content": "I love sailing."},
+                {"role": "assistant", "content": "Nice!"}]
+    by_messages = await app.adapt(messages=messages)
+    assert (await app.adapt(messages=messages))["cached"] is True
+    by_docs = await app.adapt(documents=["First document.", "Second one."])
+    by_text = await app.adapt(context="First document.\n\nSecond one.")
+    assert by_docs["adapter_id"] == by_text["adapter_id"]  # documents join with blank lines
+    assert by_messages["adapter_id"] != by_docs["adapter_id"]
+
+
+async def test_extend_with_parent(app: App) -> None:
+    parent = await app.adapt(context=CONTEXT)
+    child = await app.adapt(context="More: the moons are green.", parent=parent["adapter_id"])
+    alone = await app.adapt(context="More: the moons are green.")
+    assert child["parent"] == parent["adapter_id"]
+    assert child["tokens"] == parent["tokens"] + alone["tokens"]
+    assert len({child["adapter_id"], alone["adapter_id"], parent["adapter_id"]}) == 3
+    child_state = (await app.store.get(child["adapter_id"])).peft  # type: ignore[union-attr]
+    alone_state = (await app.store.get(alone["adapter_id"])).peft  # type: ignore[union-attr]
+    assert child_state != alone_state  # the parent's state was carried over
+
+
+async def test_concurrent_adapts_of_one_context_run_the_generator_once(
+    app: App, pipeline: AdapterPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    real = pipeline.adapt_ids
+
+    def counting(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "adapt_ids", counting)
+    results = await asyncio.gather(*(app.adapt(context="Single flight.") for _ in range(6)))
+    assert calls == 1
+    assert [r["cached"] for r in results].count(False) == 1
+    assert len({r["adapter_id"] for r in results}) == 1
+
+
+async def test_openai_routes_and_streams(app: App) -> None:
+    aid = (await app.adapt(context=CONTEXT))["adapter_id"]
+    chat = {"model": aid, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = (await app.client.post("/v1/chat/completions", json=chat)).json()
+    assert r["object"] == "chat.completion"
+    assert r["choices"][0]["message"] == {"role": "assistant", "content": f"{aid}:0 {aid}:1 "}
+    assert r["choices"][0]["finish_reason"] == "length"
+
+    r = await app.client.post("/v1/chat/completions", json={**chat, "stream": True})
+    chunks = [json.loads(e) for e in sse_events(r.text)]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks)
+    assert content == f"{aid}:0 {aid}:1 "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    comp = {"model": "tiny-chat-llama", "prompt": "Once", "max_tokens": 2}
+    r = (await app.client.post("/v1/completions", json=comp)).json()
+    assert (r["object"], r["choices"][0]["text"]) == ("text_completion", "base:0 base:1 ")
+    r = await app.client.post("/v1/completions", json={**comp, "stream": True})
+    assert [json.loads(e)["choices"][0]["text"] for e in sse_events(r.text)] == [
+        "base:0 ", "base:1 "]
+
+    r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "Hi",
+                                                    "max_tokens": 2, "stream": True})
+    assert [json.loads(e)["text"] for e in sse_events(r.text)] == [f"{aid}:0 ", f"{aid}:1 "]
+
+
+async def test_health_and_metrics(app: App) -> None:
+    r = await app.client.get("/health")
+    assert (r.status_code, r.json()) == (200, {"ready": True, "engine": "ok", "store": "ok"})
+    await app.adapt(context="metrics")
+    await app.adapt(context="metrics")
+    text = (await app.client.get("/metrics")).text
+    for name in ("genadapter_adapt_seconds_bucket", 'genadapter_adapt_cache_total{cache="hit"}',
+                 "genadapter_adapt_queue_depth", "genadapter_generation_requests_in_flight"):
+        assert name in text
+    app.engine.healthy = False
+    r = await app.client.get("/health")
+    assert (r.status_code, r.json()["engine"]) == (503, "engine unavailable: fake engine down")
+
+
+# --- bad input and faults ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "text"),
+    [
+        ({"context": ""}, 422, "context is empty"),
+        ({"context": "   \n"}, 422, "context is empty"),
+        ({"documents": []}, 422, "context is empty"),
+        ({"messages": []}, 422, "context is empty"),
+        ({}, 422, "exactly one of context, messages, documents"),
+        ({"context": "a", "documents": ["b"]}, 422, "exactly one of"),
+        ({"context": 5}, 422, "context: Input should be a valid string"),
+        ({"documents": "not a list"}, 422, "documents: Input should be a valid list"),
+        ({"context": "a", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
+        ({"context": "a", "parent": "../../etc/passwd"}, 422, "parent: String should match"),
+        ({"context": "word " * 300}, 413, "the limit is 200"),
+        ({"context": "a", "parent": "ga-" + "0" * 32}, 404, "parent adapter"),
+    ],
+)
+async def test_adapt_rejects_bad_input(app: App, body: dict, status: int, text: str) -> None:
+    assert_error(await app.client.post("/v1/adapt", json=body), status, text)
+    assert await app.store.list() == []
+
+
+async def test_malformed_json_is_422(app: App) -> None:
+    r = await app.client.post("/v1/adapt", content=b'{"context": "a"',
+                              headers={"content-type": "application/json"})
+    assert_error(r, 422, "JSON decode error")
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body", "status", "text"),
+    [
+        ("GET", "/v1/adapters/ga-" + "0" * 32, None, 404, "not found"),
+        ("DELETE", "/v1/adapters/ga-" + "0" * 32, None, 404, "not found"),
+        ("GET", "/v1/adapters/ga-..%2F..%2Fetc", None, 404, "Not Found"),
+        ("GET", "/v1/adapters/ga-ZZ", None, 422, "invalid adapter id"),
+        ("POST", "/v1/generate", {"adapter_id": "ga-" + "0" * 32, "prompt": "x"}, 404,
+         "not found"),
+        ("POST", "/v1/generate", {"adapter_id": "ga-../../../tmp/x", "prompt": "x"}, 422,
+         "invalid adapter id"),
+        ("POST", "/v1/generate", {"prompt": "x", "max_tokens": 0}, 422, "greater than or equal"),
+        ("POST", "/v1/generate", {"prompt": "x", "temperature": "hot"}, 422, "valid number"),
+        ("POST", "/v1/generate", {"prompt": "x", "max_tokens": 1000}, 400, "max_model_len 256"),
+        ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [
+            {"role": "user", "content": "x"}]}, 404, "model 'gpt-4' does not exist"),
+        ("POST", "/v1/chat/completions", {"model": "ga-" + "1" * 32, "messages": [
+            {"role": "user", "content": "x"}]}, 404, "not found"),
+        ("POST", "/v1/chat/completions", {"model": "tiny-chat-llama", "messages": []}, 422,
+         "messages"),
+        ("POST", "/v1/completions", {"model": "ga-/../x", "prompt": "x"}, 422,
+         "invalid adapter id"),
+    ],
+)
+async def test_request_errors(
+    app: App, method: str, url: str, body: dict | None, status: int, text: str
+) -> None:
+    r = await app.client.request(method, url, json=body)
+    assert_error(r, status, text)
+    assert app.engine.loras == []  # nothing reached the engine
+    assert not app.settings.shm_dir.exists()  # no folder was written, anywhere
+
+
+async def test_stored_adapter_for_another_setup_is_a_clear_409(app: App) -> None:
+    for n, change in enumerate(({"base_model": "other-model"}, {"lora_rank": 64})):
+        aid = f"ga-{n:032x}"
+        info = AdapterInfo(id=aid, created_at=0, tokens=1, base_model="tiny-chat-llama",
+                           fingerprint="x", lora_rank=8).model_copy(update=change)
+        await app.store.put(StoredAdapter(info, b"peft", b"state"))
+        field = next(iter(change))
+        r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"})
+        assert_error(r, 409, f"has {field}")
+        r = await app.client.post("/v1/adapt", json={"context": "x", "parent": aid})
+        assert_error(r, 409, f"has {field}")
+    assert app.engine.loras == []
+
+
+async def test_failed_generation_leaves_nothing(
+    app: App, pipeline: AdapterPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipeline, "adapt_ids", crash)
+    assert_error(await app.client.post("/v1/adapt", json={"context": CONTEXT}), 500,
+                 "out of memory")
+    assert await app.store.list() == []
+    monkeypatch.undo()
+    assert (await app.adapt(context=CONTEXT))["cached"] is False
+
+
+async def test_engine_failures(app: App) -> None:
+    aid = (await app.adapt(context=CONTEXT))["adapter_id"]
+    app.engine.fail_after = 0  # fails before any output: a plain HTTP error
+    body = {"adapter_id": aid, "prompt": "x", "max_tokens": 3}
+    assert_error(await app.client.post("/v1/generate", json=body), 503, "worker died")
+    app.engine.fail_after = 1  # fails mid-stream: an error line, then [DONE]
+    r = await app.client.post("/v1/generate", json={**body, "stream": True})
+    events = sse_events(r.text)
+    assert json.loads(events[0])["text"] == f"{aid}:0 "
+    assert "worker died" in json.loads(events[-1])["error"]["message"]
+    text = (await app.client.get("/metrics")).text
+    assert "genadapter_generation_requests_in_flight 0.0" in text
+
+
+# --- Redis down and back -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+async def test_redis_down_is_503_and_the_server_recovers(
+    pipeline: AdapterPipeline, tmp_path: Path
+) -> None:
+    port = free_port()
+    redis = start_redis(port)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", ttl_s=3600)
+    try:
+        async for app in start_app(pipeline, store, tmp_path):
+            aid = (await app.adapt(context=CONTEXT))["adapter_id"]
+            redis.terminate()
+            redis.wait()
+            for r in (
+                await app.client.post("/v1/adapt", json={"context": CONTEXT}),
+                await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"}),
+                await app.client.get(f"/v1/adapters/{aid}"),
+            ):
+                assert_error(r, 503, f"Redis at redis://127.0.0.1:{port}/0) unavailable")
+            health = await app.client.get("/health")
+            assert health.status_code == 503 and "unavailable" in health.json()["store"]
+            base = await app.client.post("/v1/generate", json={"prompt": "x", "max_tokens": 1})
+            assert base.status_code == 200  # the base model needs no store
+
+            redis = start_redis(port)  # back, empty (no persistence)
+            assert (await app.client.get("/health")).status_code == 200
+            again = await app.adapt(context=CONTEXT)
+            assert (again["adapter_id"], again["cached"]) == (aid, False)
+    finally:
+        redis.terminate()
+        redis.wait()
