@@ -68,6 +68,51 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"generator written to {train(pipeline, config)}")
 
 
+def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Server settings given as flags; the others come from GENADAPTER_* or their defaults."""
+    from server.settings import Settings
+
+    return {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from server.main import serve
+    from server.settings import Settings
+
+    try:
+        settings = Settings(**settings_overrides(args))  # type: ignore[arg-type]
+    except ValidationError as e:
+        raise SystemExit(f"genadapter serve: error: {e}") from e
+    serve(settings)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from server import bench
+    from server.launch import running_server
+
+    if args.url:
+        result = bench.run(args.url, args.requests, args.max_tokens)
+    else:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings_overrides(args).items()]
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        with running_server(flags, args.log) as url:
+            result = bench.run(url, args.requests, args.max_tokens)
+    bench.write(result, args.json, args.markdown)
+    print(bench.markdown(result))
+
+
+def add_server_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per server setting (see server/settings.py), named after it."""
+    from server.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        if name not in ("base_model", "generator", *skip):  # add_model_args has those two
+            p.add_argument(f"--{name.replace('_', '-')}", default=None, help=field.description)
+    add_model_args(p)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-model",
@@ -115,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="run the HTTP server (settings: flags or GENADAPTER_*)")
+    add_server_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("serve", help="adapt latency and generation tokens/s of the server")
+    p.add_argument("--url", default=None, help="a running server (default: start one)")
+    p.add_argument("--requests", type=int, default=8, help="concurrent generations")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/serve.json"))
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--log", type=Path, default=Path("benchmarks/serve.log"), help="server log")
+    add_server_args(p, skip=("host", "port"))  # the benchmark picks a free port
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 

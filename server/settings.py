@@ -13,24 +13,25 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GENADAPTER_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
     base_model: str | None = Field(None, description="HF folder or .gguf (default: SmolLM2)")
     generator: Path | None = Field(None, description="generator folder (default: shipped one)")
     served_model_name: str | None = Field(None, description="base model's API name")
 
     redis_url: str | None = Field(None, description="None: in-process store")
-    redis_prefix: str = "genadapter"
+    redis_prefix: str = Field("genadapter", description="prefix of this server's Redis keys")
     adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")
     memory_store_bytes: int = Field(2 << 30, gt=0, description="in-process store LRU budget")
     lock_timeout_s: float = Field(300, gt=0, description="longest one adapt may hold its lock")
 
     max_context_tokens: int = Field(32768, gt=0, description="longer contexts get 413")
     default_max_tokens: int = Field(256, gt=0, description="when a request sets none")
-    shm_dir: Path = Path("/dev/shm/genadapter")
+    shm_dir: Path = Field(Path("/dev/shm/genadapter"), description="RAM folder for vLLM's LoRAs")
 
     max_loras: int = Field(4, gt=0, description="distinct adapters in one batch")
     max_cpu_loras: int = Field(32, gt=0, description="adapters kept loaded by vLLM")
-    max_model_len: int = Field(2048, gt=0)
-    kv_cache_gib: float = Field(2, gt=0)
-    dtype: str = "float32"  # CPUs here have no bf16 matrix units (DESIGN.md 3)
+    max_model_len: int = Field(2048, gt=0, description="prompt + output tokens")
+    kv_cache_gib: float = Field(2, gt=0, description="vLLM KV cache (CPU)")
+    # CPUs here have no bf16 matrix units (DESIGN.md 3)
+    dtype: str = Field("float32", description="engine dtype")

@@ -1,0 +1,123 @@
+"""`genadapter bench serve`: adapt latency (cold, cached) and generation throughput with 0, 1
+and 4 distinct adapters in flight, measured side by side against one running server."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from clients.client import GenerativeAdapterClient
+
+PARAGRAPH = (
+    "The harbour town of Velloran sits on the northern coast of Zorblat, a small planet that "
+    "orbits the star Quenmar. Its fishers sail at dawn across the purple sea, its market opens "
+    "when the second moon rises, and its library keeps the logbooks of every ship since the "
+    "town was founded in 2207. Visitors remember the glass lighthouse and the smell of salt. "
+)
+PROMPT = "Tell me a long story about the harbour and its ships."
+MARKER_START = "<!-- bench serve: start -->"
+MARKER_END = "<!-- bench serve: end -->"
+
+
+def context(i: int, paragraphs: int) -> str:
+    """A distinct context each call (a nonce), so 'cold' is really a generator run."""
+    return f"Document {i} ({uuid.uuid4().hex}).\n" + PARAGRAPH * paragraphs
+
+
+def ms(seconds: list[float]) -> float:
+    return round(1000 * statistics.median(seconds), 1)
+
+
+def adapt_latency(client: GenerativeAdapterClient, n: int, paragraphs: int) -> dict:
+    cold, cached, tokens = [], [], 0
+    for i in range(n):
+        text = context(i, paragraphs)
+        for series in (cold, cached):
+            start = time.perf_counter()
+            r = client.adapt(context=text)
+            series.append(time.perf_counter() - start)
+            if r.cached is not (series is cached):
+                raise RuntimeError(f"adapt of context {i}: cached={r.cached}, not as expected")
+            tokens = r.tokens
+    return {"contexts": n, "context_tokens": tokens, "cold_median_ms": ms(cold),
+            "cached_median_ms": ms(cached), "cold_ms": [round(1000 * x, 1) for x in cold],
+            "cached_ms": [round(1000 * x, 1) for x in cached]}
+
+
+def throughput(
+    client: GenerativeAdapterClient, adapters: list[str | None], requests: int, max_tokens: int
+) -> dict:
+    """`requests` concurrent greedy generations, spread round-robin over `adapters`."""
+    for a in set(adapters):  # warm up: vLLM loads each adapter once, not timed
+        client.generate(a, PROMPT, max_tokens=1, temperature=0)
+
+    def one(i: int) -> int:
+        r = client.generate(adapters[i % len(adapters)], PROMPT, max_tokens=max_tokens,
+                            temperature=0)
+        return r.usage.completion_tokens
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(requests) as pool:
+        tokens = sum(pool.map(one, range(requests)))
+    seconds = time.perf_counter() - start
+    distinct = len({a for a in adapters if a is not None})
+    return {"distinct_adapters": distinct, "requests": requests, "max_tokens": max_tokens,
+            "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def run(url: str, requests: int = 8, max_tokens: int = 64, contexts: int = 5,
+        paragraphs: int = 4) -> dict:
+    with GenerativeAdapterClient(url) as client:
+        base = client.models().data[0].id
+        adapt = adapt_latency(client, contexts, paragraphs)
+        ids = [client.adapt(context=context(100 + i, paragraphs)).adapter_id for i in range(4)]
+        generation = [throughput(client, a, requests, max_tokens)
+                      for a in ([None], ids[:1], ids)]
+    return {"base_model": base, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+            "adapt": adapt, "generation": generation}
+
+
+def markdown(result: dict) -> str:
+    a = result["adapt"]
+    rows = [
+        f"| adapt, cold ({a['context_tokens']}-token context, median of {a['contexts']}) "
+        f"| {a['cold_median_ms']} ms |",
+        f"| adapt, cached (same contexts again) | {a['cached_median_ms']} ms |",
+    ]
+    for g in result["generation"]:
+        who = "base model only" if g["distinct_adapters"] == 0 else (
+            f"{g['distinct_adapters']} distinct adapter{'s' * (g['distinct_adapters'] > 1)}")
+        rows.append(f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
+                    f"| {g['tokens_per_s']} tokens/s |")
+    return "\n".join([
+        MARKER_START,
+        "## Server (`genadapter bench serve`)",
+        "",
+        f"{result['base_model']} on {result['machine']}, {result['date']}; "
+        "client-side wall time over HTTP; raw numbers in `benchmarks/serve.json`.",
+        "",
+        "| measurement | result |",
+        "|---|---|",
+        *rows,
+        MARKER_END,
+    ])
+
+
+def write(result: dict, json_path: Path, md_path: Path) -> None:
+    """JSON in full; the table replaces this benchmark's section of the Markdown file."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    old = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
+    section = re.compile(re.escape(MARKER_START) + ".*?" + re.escape(MARKER_END), re.S)
+    table = markdown(result)
+    new = section.sub(lambda _: table, old) if section.search(old) else f"{old.rstrip()}\n\n{table}"
+    md_path.write_text(new + ("" if new.endswith("\n") else "\n"))
