@@ -222,6 +222,7 @@ class GenerateResponse(BaseModel):
     id: str
     adapter_id: str | None
     text: str
+    token_ids: list[int] = Field(description="the generated tokens (as vLLM's return_token_ids)")
     finish_reason: FinishReason = None
     usage: UsageInfo
 

@@ -162,9 +162,9 @@ class AdapterService:
 @dataclass
 class Completion:
     text: str
+    token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
-    completion_tokens: int
 
 
 class GenerationService:
@@ -277,12 +277,12 @@ class GenerationService:
     async def complete(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None
     ) -> Completion:
-        text, tokens, finish = [], 0, None
+        text, token_ids, finish = [], [], None
         async for delta in await self.stream(prompt_ids, options, lora):
             text.append(delta.text)
-            tokens += len(delta.token_ids)
+            token_ids += delta.token_ids
             finish = delta.finish_reason or finish
-        return Completion("".join(text), finish, len(prompt_ids), tokens)
+        return Completion("".join(text), token_ids, finish, len(prompt_ids))
 
 
 def raise_engine_error(e: BaseException) -> NoReturn:

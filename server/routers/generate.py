@@ -41,8 +41,9 @@ async def generate(
         id=rid,
         adapter_id=request.adapter_id,
         text=c.text,
+        token_ids=c.token_ids,
         finish_reason=c.finish_reason,
-        usage=usage(c.prompt_tokens, c.completion_tokens),
+        usage=usage(c.prompt_tokens, len(c.token_ids)),
     )
 
 

@@ -52,7 +52,7 @@ async def chat_completions(
         message=ChatMessage(role="assistant", content=c.text), finish_reason=c.finish_reason
     )
     return ChatCompletionResponse(
-        model=request.model, choices=[choice], usage=usage(c.prompt_tokens, c.completion_tokens)
+        model=request.model, choices=[choice], usage=usage(c.prompt_tokens, len(c.token_ids))
     )
 
 
@@ -94,7 +94,7 @@ async def completions(
     c = await service.complete(ids, options, lora)
     choice = CompletionResponseChoice(text=c.text, finish_reason=c.finish_reason)  # type: ignore[arg-type]
     return CompletionResponse(
-        model=request.model, choices=[choice], usage=usage(c.prompt_tokens, c.completion_tokens)
+        model=request.model, choices=[choice], usage=usage(c.prompt_tokens, len(c.token_ids))
     )
 
 

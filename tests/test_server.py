@@ -1,0 +1,159 @@
+"""The real server (`genadapter serve`: SmolLM2, vLLM, Redis) started once, driven over HTTP by
+our client and by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from openai import OpenAI
+
+from clients import ApiError, GenerativeAdapterClient
+from generator.base_model import BaseModel
+from generator.config import GeneratorConfig
+from generator.lora import peft_config, write_peft_folder
+from generator.pipeline import save_generator
+from server.launch import running_server
+from tests.conftest import random_generator
+from tests.test_vllm_export import CONTEXT, peft_greedy
+
+pytestmark = pytest.mark.slow
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+BASE = "SmolLM2-135M-Instruct"
+OTHER_CONTEXT = "Marco loves sailing and his dog is called Biscuit. He lives in a lighthouse."
+QUESTION = "What is the capital of Zorblat?"
+STD = 2.0  # B of a random generator: strong enough that adapters change greedy answers
+
+
+@dataclass
+class Server:
+    url: str
+    client: GenerativeAdapterClient
+    prefix: str
+    generator: Path
+
+
+@pytest.fixture(scope="module")
+def server(smollm2: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Non-zero adapters (a random generator), a fresh Redis prefix; all stopped afterwards."""
+    folder = tmp_path_factory.mktemp("server")
+    save_generator(random_generator(smollm2, std=STD), folder / "generator")
+    prefix = f"test-server-{uuid.uuid4().hex}"
+    args = ["--generator", str(folder / "generator"), "--redis-url", REDIS_URL,
+            "--redis-prefix", prefix, "--max-loras", "4", "--max-model-len", "1024"]
+    with running_server(args, folder / "server.log") as url, GenerativeAdapterClient(url) as c:
+        yield Server(url, c, prefix, folder / "generator")
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        r.delete(*keys)
+
+
+def greedy(server: Server, adapter: str | None, prompt: str = QUESTION, n: int = 24) -> list[int]:
+    return server.client.generate(adapter, prompt, max_tokens=n, temperature=0).token_ids
+
+
+def test_adapt_then_generate_with_cache_hit(server: Server) -> None:
+    cold = server.client.adapt(context=CONTEXT)
+    hit = server.client.adapt(context=CONTEXT)
+    assert (cold.cached, hit.cached) == (False, True)
+    assert hit.adapter_id == cold.adapter_id and hit.tokens == cold.tokens > 0
+    assert hit.seconds < cold.seconds  # the generator did not run
+    answer = server.client.generate(cold.adapter_id, QUESTION, max_tokens=24, temperature=0)
+    assert answer.text and answer.usage.completion_tokens == len(answer.token_ids)
+    assert answer.token_ids != greedy(server, None)  # the adapter changes the answer
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'genadapter_adapt_cache_total{cache="hit"}' in metrics
+
+
+def test_mixed_adapter_batch_equals_per_adapter_runs(server: Server) -> None:
+    a = server.client.adapt(context=CONTEXT).adapter_id
+    b = server.client.adapt(context=OTHER_CONTEXT).adapter_id
+    adapters = [a, b, None, a, b]
+    alone = {x: greedy(server, x) for x in (a, b, None)}
+    assert len({tuple(v) for v in alone.values()}) == 3  # three different answers
+    with ThreadPoolExecutor(len(adapters)) as pool:  # in flight together: one mixed batch
+        together = list(pool.map(lambda x: greedy(server, x), adapters))
+    assert together == [alone[x] for x in adapters]
+
+
+def test_openai_client_chat_completions_and_models(server: Server) -> None:
+    a = server.client.adapt(context=CONTEXT).adapter_id
+    oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = oai.chat.completions.create(model=a, messages=messages, max_tokens=24, temperature=0)
+    expected = server.client.generate(a, QUESTION, max_tokens=24, temperature=0).text
+    assert chat.choices[0].message.content == expected
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+
+    stream = oai.chat.completions.create(model=a, messages=messages, max_tokens=24,
+                                         temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+
+    prompt = "The capital of France is"
+    comp = oai.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0)
+    streamed = oai.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0,
+                                      stream=True)
+    assert comp.choices[0].text and "".join(c.choices[0].text for c in streamed) == comp.choices[
+        0].text
+
+    ids = [m.id for m in oai.models.list()]
+    assert ids[0] == BASE and a in ids
+
+
+def test_extend_with_parent(server: Server) -> None:
+    parent = server.client.adapt(context=CONTEXT)
+    more = "Velloran has a glass lighthouse."
+    child = server.client.adapt(context=more, parent=parent.adapter_id)
+    alone = server.client.adapt(context=more)
+    assert child.parent == parent.adapter_id and child.tokens == parent.tokens + alone.tokens
+    assert greedy(server, child.adapter_id) != greedy(server, alone.adapter_id)
+
+
+def test_errors_over_http(server: Server) -> None:
+    with pytest.raises(ApiError) as e:
+        server.client.generate("ga-" + "0" * 32, QUESTION)
+    assert e.value.status == 404 and "not found" in e.value.error.message
+    r = httpx.post(f"{server.url}/v1/adapt", json={"context": " "})
+    assert r.status_code == 422 and "empty" in r.json()["error"]["message"]
+    aid = server.client.adapt(context="To be deleted.").adapter_id
+    greedy(server, aid, n=2)
+    assert server.client.delete(aid).deleted
+    with pytest.raises(ApiError) as e:
+        server.client.generate(aid, QUESTION)
+    assert e.value.status == 404
+
+
+def test_served_adapter_generates_like_peft(
+    server: Server, smollm2: BaseModel, tmp_path: Path
+) -> None:
+    """The bytes the server stored, loaded by PEFT: greedy tokens equal, up to EOS."""
+    aid = server.client.adapt(context=CONTEXT).adapter_id
+    weights = redis.Redis.from_url(REDIS_URL).get(f"{server.prefix}:adapter:{aid}:peft")
+    assert weights is not None
+    config = peft_config(GeneratorConfig.load(server.generator), str(smollm2.path))
+    folder = write_peft_folder(tmp_path / "adapter", weights, config)
+    assert json.loads((folder / "adapter_config.json").read_text())["r"] == 16
+    prompt = smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    eos = {smollm2.tokenizer.eos_token_id, *_as_list(smollm2.model.generation_config.eos_token_id)}
+
+    def until_eos(ids: list[int]) -> list[int]:
+        cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+        return ids[:cut]
+
+    served = until_eos(greedy(server, aid, n=24))
+    assert served == until_eos(peft_greedy(smollm2, folder, [prompt], 24)[0])
+
+
+def _as_list(x: int | list[int] | None) -> list[int]:
+    return [] if x is None else [x] if isinstance(x, int) else list(x)
