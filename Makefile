@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(VENV)/bin/genadapter serve
 
+bench: setup  # adapt latency and tokens/s -> benchmarks/serve.json, BENCHMARKS.md
+	$(VENV)/bin/genadapter bench serve
+
 lint: setup
 	$(PY) -m ruff check .
 
