@@ -68,6 +68,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"generator written to {train(pipeline, config)}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from generator.evaluate import EvalConfig, evaluate, markdown
+
+    pipeline = load_pipeline(args.base_model, args.generator)
+    config = EvalConfig(out_dir=args.out, data_dir=args.data_dir, ppl_docs=args.ppl_docs,
+                        qa_examples=args.qa_examples, cls_examples=args.cls_examples)
+    print(markdown(evaluate(pipeline, config)))
+
+
 def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
     """Server settings given as flags; the others come from GENADAPTER_* or their defaults."""
     from server.settings import Settings
@@ -160,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a generator on held-out data (JSON, table, PNG)")
+    p.add_argument("--out", type=Path, required=True, help="folder for results.{json,md,png}")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--ppl-docs", type=int, default=100, help="held-out documents for perplexity")
+    p.add_argument("--qa-examples", type=int, default=100, help="questions per QA set")
+    p.add_argument("--cls-examples", type=int, default=50, help="inputs per task and k")
+    add_model_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="run the HTTP server (settings: flags or GENADAPTER_*)")
     add_server_args(p)

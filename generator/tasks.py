@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
 QA_INSTRUCTION = "Answer with a short phrase from the text."
 
 
@@ -37,3 +39,10 @@ def sample_demos(pool: dict[str, list[dict]], task: str, k: int, rng: random.Ran
     """k demonstrations of `task` from `pool`, never the example being asked about."""
     candidates = [r for r in pool[task] if r["input"] != exclude]
     return rng.sample(candidates, min(k, len(candidates)))
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
+    """Token ids of a one-turn chat, ready for the assistant's answer."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
+                                        add_generation_prompt=True, return_dict=False)
+    return list(ids)

@@ -25,7 +25,7 @@ from generator.data import DEFAULT_DATA_DIR, load_split
 from generator.lora import applied
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator
-from generator.tasks import by_task, cls_prompt, demos_text, qa_prompt, sample_demos
+from generator.tasks import by_task, chat_ids, cls_prompt, demos_text, qa_prompt, sample_demos
 
 IGNORE = -100  # label of tokens without loss
 
@@ -146,10 +146,9 @@ class BatchSampler:
         for _ in range(c.batch_size):
             context, prompt, answer = self.instruct_example()
             contexts.append(tok(context, add_special_tokens=False)["input_ids"][:c.window * 8])
-            p = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
+            p = chat_ids(tok, prompt)
             a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
-            targets.append(list(p) + a)
+            targets.append(p + a)
             labels.append([IGNORE] * len(p) + a)
         n = max(math.ceil(len(x) / c.window) for x in contexts)
         context = torch.full((c.batch_size, n * c.window), tok.pad_token_id or 0)

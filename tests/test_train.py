@@ -1,0 +1,62 @@
+"""Training runs, resumes from its checkpoint, and writes metrics; evaluation metrics are right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from generator.base_model import BaseModel
+from generator.evaluate import exact, f1
+from generator.pipeline import AdapterPipeline, load_generator, new_generator
+from generator.train import TrainConfig, train
+
+TEXT = ("The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
+        "barley and trade it in the market every Thursday. ") * 12
+
+
+def write_data(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rows = {
+        "pretrain": [{"text": TEXT, "lang": "en"}],
+        "qa_conflicts": [{"context": TEXT, "question": "What do farmers grow?",
+                          "answer": "purple barley", "answers": ["purple barley"]}],
+        "qa_rc": [{"context": TEXT, "question": "When is the market?", "answer": "Thursday",
+                   "answers": ["Thursday"]}],
+        "cls": [{"task": "t", "input": f"sentence {i}", "label": "yes" if i % 2 else "no",
+                 "labels": ["yes", "no"]} for i in range(20)],
+    }
+    for name, data in rows.items():
+        (folder / f"{name}_train.jsonl").write_text("\n".join(json.dumps(r) for r in data))
+    return folder
+
+
+@pytest.mark.slow
+def test_train_checkpoints_and_resumes(smollm2: BaseModel, tmp_path: Path) -> None:
+    data = write_data(tmp_path / "data")
+    config = TrainConfig(out_dir=tmp_path / "run", data_dir=data, window=16, windows=3,
+                         pretrain_steps=3, instruct_steps=2, checkpoint_every=2, seed=0)
+    pipeline = AdapterPipeline(smollm2, new_generator(smollm2, window=16))
+    first = TrainConfig(**{**config.__dict__, "pretrain_steps": 2, "instruct_steps": 0})
+    train(pipeline, first)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
+
+    final = train(AdapterPipeline(smollm2, new_generator(smollm2, window=16)), config)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # resumed at 3, did not start over
+    assert {r["kind"] for r in rows[:3]} == {"pretrain"}
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows)  # finite, positive
+    assert "completion" in rows[0] and "reconstruction" in rows[0]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    trained = load_generator(final)
+    assert trained.config.window == 16
+    assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if n.endswith(".B"))
+
+
+def test_squad_metrics() -> None:
+    assert f1("The purple barley.", "purple barley") == 1.0
+    assert exact("the Purple  barley!", "purple barley") == 1.0
+    assert f1("purple wheat", "purple barley") == pytest.approx(0.5)
+    assert f1("nothing", "purple barley") == 0.0
