@@ -31,7 +31,7 @@ from generator.tasks import by_task, chat_ids, cls_prompt, demos_text, qa_prompt
 class EvalConfig:
     out_dir: Path
     data_dir: Path = DEFAULT_DATA_DIR
-    ppl_window: int = 128  # W of the Table 2 protocol
+    ppl_window: int | None = None  # W of the Table 2 protocol; default: the generator's window
     ppl_docs: int = 100
     qa_examples: int = 100  # per QA set
     cls_examples: int = 50  # per classification task and k
@@ -62,7 +62,7 @@ class Evaluator:
         """Table 2: the first W tokens are the context; score the next W (completion) and the
         same W (reconstruction). The first target token is never scored, so every condition
         predicts the same W - 1 tokens."""
-        w = self.config.ppl_window
+        w = self.config.ppl_window or self.pipeline.config.window
         docs = [r["text"] for r in load_split(self.config.data_dir, "pretrain", "test")
                 if r.get("lang", "en") == "en"]
         totals: dict[str, list[float]] = {}

@@ -36,6 +36,7 @@ class TrainConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     window: int = 128  # W during training; a shorter window than serving keeps CPU steps cheap
     windows: int = 4  # context windows per self-supervised sequence
+    max_context_windows: int = 8  # instruction contexts are cut to this many windows
     batch_size: int = 1
     pretrain_steps: int = 600
     instruct_steps: int = 300
@@ -145,7 +146,8 @@ class BatchSampler:
         contexts, targets, labels = [], [], []
         for _ in range(c.batch_size):
             context, prompt, answer = self.instruct_example()
-            contexts.append(tok(context, add_special_tokens=False)["input_ids"][:c.window * 8])
+            ids = tok(context, add_special_tokens=False)["input_ids"]
+            contexts.append(ids[:c.window * c.max_context_windows])
             p = chat_ids(tok, prompt)
             a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
             targets.append(p + a)
