@@ -4,6 +4,7 @@ and 4 distinct adapters in flight, measured side by side against one running ser
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
@@ -75,6 +76,8 @@ def throughput(
 
 def run(url: str, requests: int = 8, max_tokens: int = 64, contexts: int = 5,
         paragraphs: int = 4) -> dict:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    load = os.getloadavg()[0]  # other work on the machine skews every number: record it
     with GenerativeAdapterClient(url) as client:
         base = client.models().data[0].id
         adapt = adapt_latency(client, contexts, paragraphs)
@@ -83,7 +86,8 @@ def run(url: str, requests: int = 8, max_tokens: int = 64, contexts: int = 5,
                       for a in ([None], ids[:1], ids)]
     return {"base_model": base, "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "adapt": adapt, "generation": generation}
+            "load_average_1m_at_start": round(load, 2), "adapt": adapt,
+            "generation": generation}
 
 
 def markdown(result: dict) -> str:
@@ -102,7 +106,8 @@ def markdown(result: dict) -> str:
         MARKER_START,
         "## Server (`genadapter bench serve`)",
         "",
-        f"{result['base_model']} on {result['machine']}, {result['date']}; "
+        f"{result['base_model']} on {result['machine']}, {result['date']} (1-minute load average "
+        f"{result['load_average_1m_at_start']} at the start: other jobs share these CPUs); "
         "client-side wall time over HTTP; raw numbers in `benchmarks/serve.json`.",
         "",
         "| measurement | result |",

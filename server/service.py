@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NoReturn
 
+from generator.model import State
 from generator.pipeline import (
     Adapter,
     AdapterPipeline,
@@ -124,7 +125,7 @@ class AdapterService:
         )
         return StoredAdapter(info, adapter.peft_bytes(), adapter.state_bytes())
 
-    def _run_generator(self, ids: list[int], parent_state: tuple | None) -> Adapter:
+    def _run_generator(self, ids: list[int], parent_state: tuple[State, int] | None) -> Adapter:
         parent = None if parent_state is None else self.pipeline.restore(*parent_state)
         try:
             return self.pipeline.adapt_ids(ids, parent)

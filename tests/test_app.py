@@ -7,6 +7,7 @@ only vLLM is replaced, by an engine that echoes which adapter folder it was hand
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ from server.protocol import AdapterInfo
 from server.settings import Settings
 from server.store import AdapterStore, MemoryStore, RedisStore, StoredAdapter
 from tests.conftest import random_generator
+from tests.test_store import REDIS_URL, prefix  # noqa: F401 (a fixture)
 
 CONTEXT = "Zorblat is a small planet. Its capital is Velloran, famous for purple oceans."
 
@@ -396,3 +398,31 @@ async def test_redis_down_is_503_and_the_server_recovers(
     finally:
         redis.terminate()
         redis.wait()
+
+
+async def test_two_servers_sharing_redis_share_adapters(
+    pipeline: AdapterPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    prefix: str,  # noqa: F811 (the imported fixture)
+) -> None:
+    """Made by one process, served by another (from Redis), generated once for both."""
+    calls = 0
+    real = pipeline.adapt_ids
+
+    def counting(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "adapt_ids", counting)
+    async with contextlib.AsyncExitStack() as stack:
+        one, two = [
+            await stack.enter_async_context(contextlib.asynccontextmanager(start_app)(
+                pipeline, RedisStore(REDIS_URL, 60, prefix=prefix), tmp_path / str(i)))
+            for i in range(2)
+        ]
+        results = await asyncio.gather(one.adapt(context=CONTEXT), two.adapt(context=CONTEXT))
+        assert calls == 1 and sorted(r["cached"] for r in results) == [False, True]
+        aid = results[0]["adapter_id"]
+        r = await two.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x",
+                                                        "max_tokens": 1})
+        assert r.json()["text"] == f"{aid}:0 "
