@@ -112,6 +112,15 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     print(bench.markdown(result))
 
 
+def cmd_bench_adapt(args: argparse.Namespace) -> None:
+    from generator import bench
+
+    result = bench.run(load_pipeline(args.base_model, args.generator), tuple(args.tokens))
+    table = bench.markdown(result)
+    bench.write(result, table, bench.SECTION, args.json, args.markdown)
+    print(table)
+
+
 def add_server_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per server setting (see server/settings.py), named after it."""
     from server.settings import Settings
@@ -194,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, default=Path("benchmarks/serve.log"), help="server log")
     add_server_args(p, skip=("host", "port"))  # the benchmark picks a free port
     p.set_defaults(func=cmd_bench_serve)
+    p = bench.add_parser("adapt", help="adapt time next to one base forward pass (the floor)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="context lengths")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/adapt.json"))
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    add_model_args(p)
+    p.set_defaults(func=cmd_bench_adapt)
     return parser
 
 

@@ -3,11 +3,9 @@ and 4 distinct adapters in flight, measured side by side against one running ser
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
-import re
 import statistics
 import time
 import uuid
@@ -15,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from clients.client import GenerativeAdapterClient
+from generator import bench as generator_bench
 
 PARAGRAPH = (
     "The harbour town of Velloran sits on the northern coast of Zorblat, a small planet that "
@@ -23,8 +22,7 @@ PARAGRAPH = (
     "town was founded in 2207. Visitors remember the glass lighthouse and the smell of salt. "
 )
 PROMPT = "Tell me a long story about the harbour and its ships."
-MARKER_START = "<!-- bench serve: start -->"
-MARKER_END = "<!-- bench serve: end -->"
+SECTION = "bench serve"
 
 
 def context(i: int, paragraphs: int) -> str:
@@ -103,7 +101,6 @@ def markdown(result: dict) -> str:
         rows.append(f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
                     f"| {g['tokens_per_s']} tokens/s |")
     return "\n".join([
-        MARKER_START,
         "## Server (`genadapter bench serve`)",
         "",
         f"{result['base_model']} on {result['machine']}, {result['date']} (1-minute load average "
@@ -113,16 +110,8 @@ def markdown(result: dict) -> str:
         "| measurement | result |",
         "|---|---|",
         *rows,
-        MARKER_END,
     ])
 
 
 def write(result: dict, json_path: Path, md_path: Path) -> None:
-    """JSON in full; the table replaces this benchmark's section of the Markdown file."""
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    old = md_path.read_text() if md_path.exists() else "# Benchmarks\n"
-    section = re.compile(re.escape(MARKER_START) + ".*?" + re.escape(MARKER_END), re.S)
-    table = markdown(result)
-    new = section.sub(lambda _: table, old) if section.search(old) else f"{old.rstrip()}\n\n{table}"
-    md_path.write_text(new + ("" if new.endswith("\n") else "\n"))
+    generator_bench.write(result, markdown(result), SECTION, json_path, md_path)
