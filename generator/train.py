@@ -182,6 +182,12 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: an interrupted save keeps the previous checkpoint
 
 
+def _drop_metrics_after(metrics_file: Path, step: int) -> None:
+    if metrics_file.is_file():
+        lines = metrics_file.read_text().splitlines(keepends=True)
+        metrics_file.write_text("".join(x for x in lines if json.loads(x)["step"] <= step))
+
+
 def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
     """Train `pipeline.generator` in place; returns the folder of the final generator.
 
@@ -210,6 +216,7 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
         scheduler.load_state_dict(ckpt["scheduler"])
         sampler.rng.setstate(ckpt["rng"])
         step = ckpt["step"]
+        _drop_metrics_after(out / "metrics.jsonl", step)  # those steps run again
     model, optimizer = accelerator.prepare(objective, optimizer)
 
     def checkpoint() -> None:
