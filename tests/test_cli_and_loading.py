@@ -1,0 +1,65 @@
+"""Base model loading (offline, GGUF cached once) and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from generator import base_model
+from generator.base_model import BaseModel, BaseModelError, convert_gguf, default_gguf
+from generator.cli import main
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_cached(smollm2: BaseModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session fixture converted it once; a second conversion must not read GGUF again."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("GGUF was loaded again")
+
+    monkeypatch.setattr(base_model.AutoModelForCausalLM, "from_pretrained", fail)
+    monkeypatch.setattr(base_model.AutoTokenizer, "from_pretrained", fail)
+    folder = convert_gguf(default_gguf(), smollm2.name)
+    assert folder == smollm2.path
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+
+
+def test_missing_model_names_what_was_tried(tmp_path: Path) -> None:
+    with pytest.raises(BaseModelError, match="nowhere"):
+        base_model.resolve_model_dir(tmp_path / "nowhere")
+
+
+def test_unreadable_gguf_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENADAPTER_CACHE", str(tmp_path / "cache"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(BaseModelError, match="could not read GGUF"):
+        base_model.resolve_model_dir(bad)
+    assert not list((tmp_path / "cache" / "models").glob("broken*"))  # nothing half-converted
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\t", b"\xff\xfe\x00bad utf-8"])
+def test_adapt_rejects_bad_context_files(tmp_path: Path, content: bytes,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    context = tmp_path / "context.txt"
+    context.write_bytes(content)
+    out = tmp_path / "adapter"
+    assert main(["adapt", str(context), "--out", str(out)]) == 2
+    assert "error" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_adapt_missing_context_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["adapt", str(tmp_path / "none.txt"), "--out", str(tmp_path / "a")]) == 2
+    assert "none.txt" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for command in ("adapt", "serve", "train", "eval", "data", "bench"):
+        assert command in help_text
