@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from generator import base_model
 from generator.base_model import BaseModel, BaseModelError, convert_gguf, default_gguf
 from generator.cli import main
+from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 
 
 @pytest.mark.slow
@@ -63,3 +66,19 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     help_text = capsys.readouterr().out
     for command in ("adapt", "serve", "train", "eval", "data", "bench"):
         assert command in help_text
+
+
+@pytest.mark.slow
+def test_adapt_uses_the_shipped_trained_generator(smollm2: BaseModel, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    context = tmp_path / "context.txt"
+    context.write_text("Velloran is the capital of Zorblat, a planet of purple oceans. " * 4)
+    out = tmp_path / "adapter"
+    assert main(["adapt", str(context), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "adapter_id: ga-" in printed and "tokens: " in printed
+    weights = load_file(out / PEFT_WEIGHTS_FILE)
+    lora_b = [t for k, t in weights.items() if k.endswith("lora_B.weight")]
+    assert len(lora_b) == smollm2.model.config.num_hidden_layers
+    assert all(t.abs().max() > 0 for t in lora_b)  # trained: an untrained generator gives zeros
+    assert json.loads((out / PEFT_CONFIG_FILE).read_text())["r"] == 16
