@@ -184,20 +184,25 @@ async def test_extend_with_parent(app: App) -> None:
     assert child_state != alone_state  # the parent's state was carried over
 
 
-async def test_concurrent_adapts_of_one_context_run_the_generator_once(
-    app: App, pipeline: AdapterPipeline, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = 0
+@pytest.fixture
+def generator_runs(pipeline: AdapterPipeline, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """One entry per generator run (the pipeline's adapt_ids), for single-flight tests."""
+    runs: list[object] = []
     real = pipeline.adapt_ids
 
     def counting(*args: object) -> object:
-        nonlocal calls
-        calls += 1
+        runs.append(args)
         return real(*args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pipeline, "adapt_ids", counting)
+    return runs
+
+
+async def test_concurrent_adapts_of_one_context_run_the_generator_once(
+    app: App, generator_runs: list[object]
+) -> None:
     results = await asyncio.gather(*(app.adapt(context="Single flight.") for _ in range(6)))
-    assert calls == 1
+    assert len(generator_runs) == 1
     assert [r["cached"] for r in results].count(False) == 1
     assert len({r["adapter_id"] for r in results}) == 1
 
@@ -401,19 +406,10 @@ async def test_redis_down_is_503_and_the_server_recovers(
 
 
 async def test_two_servers_sharing_redis_share_adapters(
-    pipeline: AdapterPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    pipeline: AdapterPipeline, tmp_path: Path, generator_runs: list[object],
     prefix: str,  # noqa: F811 (the imported fixture)
 ) -> None:
     """Made by one process, served by another (from Redis), generated once for both."""
-    calls = 0
-    real = pipeline.adapt_ids
-
-    def counting(*args: object) -> object:
-        nonlocal calls
-        calls += 1
-        return real(*args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pipeline, "adapt_ids", counting)
     async with contextlib.AsyncExitStack() as stack:
         one, two = [
             await stack.enter_async_context(contextlib.asynccontextmanager(start_app)(
@@ -421,7 +417,7 @@ async def test_two_servers_sharing_redis_share_adapters(
             for i in range(2)
         ]
         results = await asyncio.gather(one.adapt(context=CONTEXT), two.adapt(context=CONTEXT))
-        assert calls == 1 and sorted(r["cached"] for r in results) == [False, True]
+        assert len(generator_runs) == 1 and sorted(r["cached"] for r in results) == [False, True]
         aid = results[0]["adapter_id"]
         r = await two.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x",
                                                         "max_tokens": 1})
