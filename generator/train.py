@@ -236,15 +236,13 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
             batch = _to(batch, accelerator.device)
             with accelerator.autocast():
                 losses = model(batch)
-            if not torch.isfinite(losses["loss"]):  # a degenerate SVD: skip, do not poison Adam
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                continue
-            accelerator.backward(losses["loss"])
-            grad_norm = accelerator.clip_grad_norm_(objective.generator.parameters(),
-                                                    config.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = float("nan")
+            if torch.isfinite(losses["loss"]):  # a degenerate SVD: skip, do not poison Adam
+                accelerator.backward(losses["loss"])
+                grad_norm = accelerator.clip_grad_norm_(objective.generator.parameters(),
+                                                        config.grad_clip)
+                optimizer.step()
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = batch.tokens() * accelerator.num_processes / (time.monotonic() - t0)
