@@ -57,10 +57,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.init:
         generator = load_generator(args.init)
     else:
-        generator = new_generator(base, args.seed, window=args.window)
+        overrides = {"alpha": args.alpha} if args.alpha else {}
+        generator = new_generator(base, args.seed, window=args.window, **overrides)
     pipeline = AdapterPipeline(base, generator)
     config = TrainConfig(
         out_dir=args.out, data_dir=args.data_dir, window=args.window, windows=args.windows,
+        max_context_windows=args.max_context_windows,
         batch_size=args.batch_size, pretrain_steps=args.pretrain_steps,
         instruct_steps=args.instruct_steps, lr=args.lr, max_minutes=args.max_minutes,
         grad_checkpointing=args.grad_checkpointing, seed=args.seed,
@@ -170,10 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--window", type=int, default=128, help="tokens per window while training")
     p.add_argument("--windows", type=int, default=4, help="windows per self-supervised sequence")
+    p.add_argument("--max-context-windows", type=int, default=8,
+                   help="instruction contexts are cut to this many windows")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--instruct-steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--alpha", type=float, default=None,
+                   help="LoRA alpha of a new generator (default: d_r / 16, as in the paper)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop resumably after this")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,7 @@ classification. Writes JSON, a markdown table and a bar chart.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -61,30 +62,27 @@ class Evaluator:
     def perplexity(self) -> dict[str, float]:
         """Table 2: the first W tokens are the context; score the next W (completion) and the
         same W (reconstruction). The first target token is never scored, so every condition
-        predicts the same W - 1 tokens."""
+        predicts the same W - 1 tokens. `other_adapter` applies the adapter of another document:
+        what `adapter` gains beyond it is what the adapter stores about its own context."""
         w = self.config.ppl_window or self.pipeline.config.window
-        docs = [r["text"] for r in load_split(self.config.data_dir, "pretrain", "test")
+        docs = [self.tok(r["text"], add_special_tokens=False)["input_ids"]
+                for r in load_split(self.config.data_dir, "pretrain", "test")
                 if r.get("lang", "en") == "en"]
+        pairs = [(ids[:w], ids[w:2 * w]) for ids in docs if len(ids) >= 2 * w]
+        pairs = pairs[:self.config.ppl_docs]
+        adapters = [self.adapter(self.tok.decode(c)) for c, _ in tqdm(pairs, desc="adapters")]
         totals: dict[str, list[float]] = {}
-        n = 0
-        for text in tqdm(docs, desc="perplexity"):
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            if len(ids) < 2 * w:
-                continue
-            context, following = ids[:w], ids[w:2 * w]
-            factors = self.adapter(self.tok.decode(context))
+        for i, (context, following) in enumerate(tqdm(pairs, desc="perplexity")):
             for task, target in (("completion", following), ("reconstruction", context)):
                 for cond, seq, start, f in (("base", target, 0, None),
                                             ("in_context", context + target, w, None),
-                                            ("adapter", target, 0, factors)):
+                                            ("adapter", target, 0, adapters[i]),
+                                            ("other_adapter", target, 0, adapters[i - 1])):
                     nll, count = self.nll(seq, start, f)
                     acc = totals.setdefault(f"{task}/{cond}", [0.0, 0])
                     acc[0] += nll
                     acc[1] += count
-            n += 1
-            if n == self.config.ppl_docs:
-                break
-        return {k: math.exp(v[0] / v[1]) for k, v in totals.items()} | {"documents": n}
+        return {k: math.exp(v[0] / v[1]) for k, v in totals.items()} | {"documents": len(pairs)}
 
     @torch.no_grad()
     def answer(self, user: str, factors: LoRAFactors | None) -> str:
@@ -114,17 +112,29 @@ class Evaluator:
         return out
 
     @torch.no_grad()
+    def label_nll(self, user: str, labels: list[str], factors: LoRAFactors | None
+                  ) -> list[float]:
+        """Negative log-likelihood of each label as the assistant's answer.
+
+        The prompt is read once and each label continues a copy of its KV cache: k-shot prompts
+        are long, labels short."""
+        prompt = chat_ids(self.tok, user)
+        nlls = []
+        with applied(self.pipeline.lora_layers, factors):
+            first = self.model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+            for label in labels:
+                answer = self.tok(label + self.tok.eos_token, add_special_tokens=False)["input_ids"]
+                cache = copy.deepcopy(first.past_key_values)
+                rest = self.model(torch.tensor([answer]), past_key_values=cache).logits
+                logits = torch.cat([first.logits[0], rest[0, :-1]])
+                nlls.append(F.cross_entropy(logits.float(), torch.tensor(answer),
+                                            reduction="sum").item())
+        return nlls
+
     def choose(self, user: str, labels: list[str], factors: LoRAFactors | None) -> str:
         """The label with the highest log-likelihood as the assistant's answer."""
-        prompt = chat_ids(self.tok, user)
-        best, best_score = labels[0], -math.inf
-        for label in labels:
-            answer = self.tok(label + self.tok.eos_token, add_special_tokens=False)["input_ids"]
-            ids = prompt + answer
-            nll, count = self.nll(ids, len(prompt) - 1, factors)
-            if -nll > best_score:
-                best, best_score = label, -nll
-        return best
+        nlls = self.label_nll(user, labels, factors)
+        return labels[nlls.index(min(nlls))]
 
     def classification(self) -> dict[str, float]:
         rng = random.Random(self.config.seed)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from generator.base_model import BaseModel
-from generator.evaluate import exact, f1
+from generator.evaluate import EvalConfig, Evaluator, exact, f1
 from generator.pipeline import AdapterPipeline, load_generator, new_generator
+from generator.tasks import chat_ids
 from generator.train import TrainConfig, train
+from tests.conftest import random_generator
 
 TEXT = ("The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
         "barley and trade it in the market every Thursday. ") * 12
@@ -60,3 +62,20 @@ def test_squad_metrics() -> None:
     assert exact("the Purple  barley!", "purple barley") == 1.0
     assert f1("purple wheat", "purple barley") == pytest.approx(0.5)
     assert f1("nothing", "purple barley") == 0.0
+
+
+def test_label_scores_with_a_shared_prompt_cache_match_full_sequences(smollm2: BaseModel,
+                                                                        tmp_path: Path) -> None:
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2, std=0.5, window=16))
+    evaluator = Evaluator(pipeline, EvalConfig(out_dir=tmp_path))
+    labels = ["yes", "no", "add_to_playlist", "search_creative_work"]
+    user = "Classify the input. Options: yes, no.\nInput: purple barley\nLabel:"
+    prompt = chat_ids(smollm2.tokenizer, user)
+    for factors in (None, pipeline.adapt("The river Quenmar flows north.").factors):
+        full = []
+        for label in labels:
+            answer = smollm2.tokenizer(label + smollm2.tokenizer.eos_token,
+                                       add_special_tokens=False)["input_ids"]
+            full.append(evaluator.nll(prompt + answer, len(prompt) - 1, factors)[0])
+        cached = evaluator.label_nll(user, labels, factors)
+        assert cached == pytest.approx(full, abs=1e-3)
