@@ -79,3 +79,20 @@ def test_label_scores_with_a_shared_prompt_cache_match_full_sequences(smollm2: B
             full.append(evaluator.nll(prompt + answer, len(prompt) - 1, factors)[0])
         cached = evaluator.label_nll(user, labels, factors)
         assert cached == pytest.approx(full, abs=1e-3)
+
+
+def test_perplexity_protocol_scores_every_condition(smollm2: BaseModel, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    docs = [TEXT, TEXT.replace("Quenmar", "Ostavel").replace("purple", "golden")]
+    (data / "pretrain_test.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in docs))
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2, std=0.5, window=16))
+    result = Evaluator(pipeline, EvalConfig(out_dir=tmp_path, data_dir=data)).perplexity()
+    assert result["documents"] == 2
+    for task in ("completion", "reconstruction"):
+        assert {f"{task}/{c}" for c in ("base", "in_context", "adapter", "other_adapter")} <= set(
+            result)
+    # The text repeats itself: with the context in the prompt, reconstruction is nearly free.
+    assert result["reconstruction/in_context"] < result["reconstruction/base"] / 2
+    # Random adapters differ per document, so a document's own and another's score differently.
+    assert result["reconstruction/adapter"] != result["reconstruction/other_adapter"]
