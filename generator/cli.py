@@ -65,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         max_context_windows=args.max_context_windows,
         batch_size=args.batch_size, pretrain_steps=args.pretrain_steps,
         instruct_steps=args.instruct_steps, lr=args.lr, max_minutes=args.max_minutes,
+        stop_at=args.stop_at,
         grad_checkpointing=args.grad_checkpointing, seed=args.seed,
     )
     print(f"generator written to {train(pipeline, config)}")
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None,
                    help="LoRA alpha of a new generator (default: d_r / 16, as in the paper)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop resumably after this")
+    p.add_argument("--stop-at", type=int, default=None, help="stop resumably after this step")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train)

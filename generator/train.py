@@ -47,6 +47,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     max_minutes: float | None = None  # stop (resumably) after this long
+    stop_at: int | None = None  # stop (resumably) after this step, e.g. to change --windows
     grad_checkpointing: bool = False
     seed: int = 0
 
@@ -227,10 +228,11 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
                 "config": {k: str(v) for k, v in dataclasses.asdict(config).items()}})
 
     started = time.monotonic()
+    end = min(config.total_steps, config.stop_at or config.total_steps)
     bar = tqdm(total=config.total_steps, initial=step, desc="train",
                disable=not accelerator.is_main_process)
     with (out / "metrics.jsonl").open("a") as metrics:
-        while step < config.total_steps:
+        while step < end:
             t0 = time.monotonic()
             kind, batch = sampler.batch(step)
             batch = _to(batch, accelerator.device)
@@ -254,7 +256,7 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
                 metrics.flush()
             bar.set_postfix(kind=kind, loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             bar.update()
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
+            if step % config.checkpoint_every == 0 or step == end:
                 checkpoint()
             if config.max_minutes and time.monotonic() - started > 60 * config.max_minutes:
                 checkpoint()

@@ -41,8 +41,7 @@ def test_train_checkpoints_and_resumes(smollm2: BaseModel, tmp_path: Path) -> No
     config = TrainConfig(out_dir=tmp_path / "run", data_dir=data, window=16, windows=3,
                          pretrain_steps=3, instruct_steps=2, checkpoint_every=2, seed=0)
     pipeline = AdapterPipeline(smollm2, new_generator(smollm2, window=16))
-    first = TrainConfig(**{**config.__dict__, "pretrain_steps": 2, "instruct_steps": 0})
-    train(pipeline, first)
+    train(pipeline, TrainConfig(**{**config.__dict__, "stop_at": 2}))
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
 
     final = train(AdapterPipeline(smollm2, new_generator(smollm2, window=16)), config)
