@@ -100,8 +100,8 @@ class Objective(nn.Module):
         with applied(pipeline.lora_layers, factors):
             logits = pipeline.base.model(input_ids=batch.target).logits
         target = lm_loss(logits, batch.target_labels)
-        if not completion:
-            return {"loss": target, "instruct": target}
+        if not completion:  # an instruction, or a single self-supervised window
+            return {"loss": target, "reconstruction" if batch.completion else "instruct": target}
         completion_loss = torch.stack(completion).mean()
         return {"loss": 0.5 * completion_loss + 0.5 * target, "completion": completion_loss,
                 "reconstruction": target}

@@ -12,7 +12,7 @@ from generator.base_model import BaseModel
 from generator.evaluate import EvalConfig, Evaluator, exact, f1
 from generator.pipeline import AdapterPipeline, load_generator, new_generator
 from generator.tasks import chat_ids
-from generator.train import TrainConfig, train
+from generator.train import Batch, Objective, TrainConfig, train
 from tests.conftest import random_generator
 
 TEXT = ("The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
@@ -95,3 +95,12 @@ def test_perplexity_protocol_scores_every_condition(smollm2: BaseModel, tmp_path
     assert result["reconstruction/in_context"] < result["reconstruction/base"] / 2
     # Random adapters differ per document, so a document's own and another's score differently.
     assert result["reconstruction/adapter"] != result["reconstruction/other_adapter"]
+
+
+def test_a_single_window_is_logged_as_reconstruction(tiny_pipeline: AdapterPipeline) -> None:
+    context = torch.randint(0, 128, (2, 1, 16))
+    batch = Batch(context, torch.ones_like(context), context[:, 0], context[:, 0].clone(), True)
+    assert set(Objective(tiny_pipeline)(batch)) == {"loss", "reconstruction"}
+    instruction = Batch(context, torch.ones_like(context), context[:, 0], context[:, 0].clone(),
+                        False)
+    assert set(Objective(tiny_pipeline)(instruction)) == {"loss", "instruct"}
