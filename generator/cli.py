@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from generator.base_model import BaseModelError, load_base_model
 from generator.data import DEFAULT_DATA_DIR, prepare_data
@@ -21,6 +23,9 @@ from generator.pipeline import (
     load_pipeline,
     new_generator,
 )
+
+if TYPE_CHECKING:
+    from generator.train import TrainConfig
 
 USER_ERRORS = (BaseModelError, GeneratorError, EmptyContextError, OSError, UnicodeDecodeError)
 
@@ -50,25 +55,25 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"data ready in {prepare_data(args.data_dir, force=args.force)}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from generator.train import TrainConfig, train
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """Flags left out are absent from `args` (argparse.SUPPRESS): TrainConfig's defaults apply."""
+    from generator.train import TrainConfig
 
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(out_dir=args.out, **{k: v for k, v in vars(args).items() if k in names})
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from generator.train import train
+
+    config = train_config(args)
     base = load_base_model(args.base_model)
     if args.init:
         generator = load_generator(args.init)
     else:
         overrides = {"alpha": args.alpha} if args.alpha else {}
-        generator = new_generator(base, args.seed, window=args.window, **overrides)
-    pipeline = AdapterPipeline(base, generator)
-    config = TrainConfig(
-        out_dir=args.out, data_dir=args.data_dir, window=args.window, windows=args.windows,
-        max_context_windows=args.max_context_windows,
-        batch_size=args.batch_size, pretrain_steps=args.pretrain_steps,
-        instruct_steps=args.instruct_steps, lr=args.lr, max_minutes=args.max_minutes,
-        stop_at=args.stop_at,
-        grad_checkpointing=args.grad_checkpointing, seed=args.seed,
-    )
-    print(f"generator written to {train(pipeline, config)}")
+        generator = new_generator(base, config.seed, window=config.window, **overrides)
+    print(f"generator written to {train(AdapterPipeline(base, generator), config)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -166,25 +171,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the splits exist")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("train", help="train a generator (resumes from OUT/checkpoint.pt)")
+    p = sub.add_parser("train", help="train a generator (resumes from OUT/checkpoint.pt)",
+                       argument_default=argparse.SUPPRESS,
+                       epilog="Settings left out keep TrainConfig's defaults (generator/train.py).")
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, metrics, PNG")
     p.add_argument("--base-model", default=None, help="HF folder or .gguf (default: SmolLM2)")
     p.add_argument("--init", type=Path, default=None, help="start from this generator folder")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    p.add_argument("--window", type=int, default=128, help="tokens per window while training")
-    p.add_argument("--windows", type=int, default=4, help="windows per self-supervised sequence")
-    p.add_argument("--max-context-windows", type=int, default=8,
-                   help="instruction contexts are cut to this many windows")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--instruct-steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--alpha", type=float, default=None,
                    help="LoRA alpha of a new generator (default: d_r / 16, as in the paper)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop resumably after this")
-    p.add_argument("--stop-at", type=int, default=None, help="stop resumably after this step")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--window", type=int, help="tokens per window while training")
+    p.add_argument("--windows", type=int, help="windows per self-supervised sequence")
+    p.add_argument("--max-context-windows", type=int,
+                   help="instruction contexts are cut to this many windows")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--pretrain-steps", type=int)
+    p.add_argument("--instruct-steps", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine to a tenth)")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float, help="gradient norm clipping")
+    p.add_argument("--instruct-weights", type=float, nargs=3, metavar=("CONFLICTS", "RC", "CLS"),
+                   help="how often each instruction source is drawn: knowledge-conflict QA, "
+                        "reading comprehension, few-shot classification")
+    p.add_argument("--instruct-pretrain-mix", type=float,
+                   help="share of self-supervised steps during instruction tuning")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--max-minutes", type=float, help="stop resumably after this")
+    p.add_argument("--stop-at", type=int, help="stop resumably after this step")
     p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a generator on held-out data (JSON, table, PNG)")

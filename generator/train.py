@@ -28,6 +28,7 @@ from generator.pipeline import AdapterPipeline, save_generator
 from generator.tasks import by_task, chat_ids, cls_prompt, demos_text, qa_prompt, sample_demos
 
 IGNORE = -100  # label of tokens without loss
+QA_SETS = ("qa_conflicts", "qa_rc")  # instruction sources besides few-shot classification
 
 
 @dataclass
@@ -41,6 +42,8 @@ class TrainConfig:
     pretrain_steps: int = 600
     instruct_steps: int = 300
     instruct_pretrain_mix: float = 0.25  # share of self-supervised steps while instruction tuning
+    # how often each instruction source is drawn
+    instruct_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)
     lr: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -121,8 +124,7 @@ class BatchSampler:
                 continue  # SmolLM2 is an English model
             ids = tok(row["text"], add_special_tokens=False)["input_ids"]
             self.sequences += [ids[i:i + span] for i in range(0, len(ids) - span + 1, span)]
-        self.qa = (load_split(config.data_dir, "qa_conflicts", "train")
-                   + load_split(config.data_dir, "qa_rc", "train"))
+        self.qa = {name: load_split(config.data_dir, name, "train") for name in QA_SETS}
         self.cls = by_task(load_split(config.data_dir, "cls", "train"))
 
     def pretrain(self) -> Batch:
@@ -134,8 +136,9 @@ class BatchSampler:
 
     def instruct_example(self) -> tuple[str, str, str]:
         """(context, user message, answer) from QA or few-shot classification."""
-        if self.rng.random() < 0.7:
-            row = self.rng.choice(self.qa)
+        source = self.rng.choices((*QA_SETS, "cls"), self.config.instruct_weights)[0]
+        if source != "cls":
+            row = self.rng.choice(self.qa[source])
             return row["context"], qa_prompt(row["question"]), row["answer"]
         task = self.rng.choice(sorted(self.cls))
         row = self.rng.choice(self.cls[task])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +11,9 @@ from safetensors.torch import load_file
 
 from generator import base_model
 from generator.base_model import BaseModel, BaseModelError, convert_gguf, default_gguf
-from generator.cli import main
+from generator.cli import build_parser, main, train_config
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from generator.train import TrainConfig
 
 
 @pytest.mark.slow
@@ -66,6 +68,19 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     help_text = capsys.readouterr().out
     for command in ("adapt", "serve", "train", "eval", "data", "bench"):
         assert command in help_text
+
+
+def test_train_flags_override_only_what_they_name(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["train", "--out", str(tmp_path), "--lr", "0.5",
+                                      "--instruct-weights", "1", "0", "0"])
+    assert train_config(args) == TrainConfig(out_dir=tmp_path, lr=0.5, instruct_weights=[1, 0, 0])
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for field in dataclasses.fields(TrainConfig):  # every setting has a flag
+        flag = "--out" if field.name == "out_dir" else "--" + field.name.replace("_", "-")
+        assert flag in help_text
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from generator.base_model import BaseModel
 from generator.evaluate import EvalConfig, Evaluator, exact, f1
 from generator.pipeline import AdapterPipeline, load_generator, new_generator
 from generator.tasks import chat_ids
-from generator.train import Batch, Objective, TrainConfig, train
+from generator.train import Batch, BatchSampler, Objective, TrainConfig, train
 from tests.conftest import random_generator
 
 TEXT = ("The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
@@ -104,3 +104,15 @@ def test_a_single_window_is_logged_as_reconstruction(tiny_pipeline: AdapterPipel
     instruction = Batch(context, torch.ones_like(context), context[:, 0], context[:, 0].clone(),
                         False)
     assert set(Objective(tiny_pipeline)(instruction)) == {"loss", "instruct"}
+
+
+@pytest.mark.parametrize(("weights", "answers"), [((1, 0, 0), {"purple barley"}),
+                                                  ((0, 1, 0), {"Thursday"}),
+                                                  ((0, 0, 1), {"yes", "no"})])
+def test_instruction_weights_choose_the_sources(smollm2: BaseModel, tmp_path: Path,
+                                                weights: tuple[float, float, float],
+                                                answers: set[str]) -> None:
+    config = TrainConfig(out_dir=tmp_path / "run", data_dir=write_data(tmp_path / "data"),
+                         window=16, windows=2, instruct_weights=weights)
+    sampler = BatchSampler(AdapterPipeline(smollm2, new_generator(smollm2, window=16)), config, 0)
+    assert {sampler.instruct_example()[2] for _ in range(40)} == answers
