@@ -42,7 +42,7 @@ class TrainConfig:
     pretrain_steps: int = 600
     instruct_steps: int = 300
     instruct_pretrain_mix: float = 0.25  # share of self-supervised steps while instruction tuning
-    # how often each instruction source is drawn
+    # how often each instruction source is drawn: (*QA_SETS, few-shot classification)
     instruct_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)
     lr: float = 1e-3
     warmup_steps: int = 20
