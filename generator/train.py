@@ -137,7 +137,7 @@ class BatchSampler:
     def instruct_example(self) -> tuple[str, str, str]:
         """(context, user message, answer) from QA or few-shot classification."""
         source = self.rng.choices((*QA_SETS, "cls"), self.config.instruct_weights)[0]
-        if source != "cls":
+        if source in self.qa:
             row = self.rng.choice(self.qa[source])
             return row["context"], qa_prompt(row["question"]), row["answer"]
         task = self.rng.choice(sorted(self.cls))
