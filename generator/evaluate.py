@@ -67,7 +67,7 @@ class Evaluator:
         w = self.config.ppl_window or self.pipeline.config.window
         docs = [self.tok(r["text"], add_special_tokens=False)["input_ids"]
                 for r in load_split(self.config.data_dir, "pretrain", "test")
-                if r.get("lang", "en") == "en"]
+                if r["source"] == "wikipedia" and r["lang"] == "en"]
         pairs = [(ids[:w], ids[w:2 * w]) for ids in docs if len(ids) >= 2 * w]
         pairs = pairs[:self.config.ppl_docs]
         adapters = [self.adapter(self.tok.decode(c)) for c, _ in tqdm(pairs, desc="adapters")]

@@ -21,14 +21,13 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from generator.data import DEFAULT_DATA_DIR, load_split
+from generator.data import DEFAULT_DATA_DIR, PRETRAIN_SOURCES, QA_SETS, load_split
 from generator.lora import applied
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator
 from generator.tasks import by_task, chat_ids, cls_prompt, demos_text, qa_prompt, sample_demos
 
 IGNORE = -100  # label of tokens without loss
-QA_SETS = ("qa_conflicts", "qa_rc")  # instruction sources besides few-shot classification
 
 
 @dataclass
@@ -39,6 +38,8 @@ class TrainConfig:
     windows: int = 4  # context windows per self-supervised sequence
     max_context_windows: int = 8  # instruction contexts are cut to this many windows
     batch_size: int = 1
+    # self-supervised text: pretrain rows of these sources, and train contexts of these QA sets
+    pretrain_texts: tuple[str, ...] = (*PRETRAIN_SOURCES, *QA_SETS)
     pretrain_steps: int = 600
     instruct_steps: int = 300
     instruct_pretrain_mix: float = 0.25  # share of self-supervised steps while instruction tuning
@@ -118,14 +119,22 @@ class BatchSampler:
         self.rng = random.Random(config.seed * 1000 + rank)
         tok = pipeline.base.tokenizer
         span = config.window * config.windows
-        self.sequences: list[list[int]] = []
-        for row in load_split(config.data_dir, "pretrain", "train"):
-            if row.get("lang", "en") != "en":
-                continue  # SmolLM2 is an English model
-            ids = tok(row["text"], add_special_tokens=False)["input_ids"]
-            self.sequences += [ids[i:i + span] for i in range(0, len(ids) - span + 1, span)]
         self.qa = {name: load_split(config.data_dir, name, "train") for name in QA_SETS}
         self.cls = by_task(load_split(config.data_dir, "cls", "train"))
+        self.sequences: list[list[int]] = []
+        for text in self.pretrain_texts():
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            self.sequences += [ids[i:i + span] for i in range(0, len(ids) - span + 1, span)]
+
+    def pretrain_texts(self) -> list[str]:
+        """English pretrain documents of the chosen sources, then each chosen QA set's passages."""
+        names = self.config.pretrain_texts
+        texts = [r["text"] for r in load_split(self.config.data_dir, "pretrain", "train")
+                 if r["lang"] == "en" and r["source"] in names]  # SmolLM2 is an English model
+        for name in QA_SETS:
+            if name in names:
+                texts += dict.fromkeys(r["context"] for r in self.qa[name])  # unique, in order
+        return texts
 
     def pretrain(self) -> Batch:
         c = self.config

