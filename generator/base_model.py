@@ -105,6 +105,10 @@ def convert_gguf(gguf: Path, name: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, out)  # atomic: a crash never leaves a half-converted folder
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        # another process converted the same file first: its folder is just as good
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -30,6 +30,26 @@ def test_gguf_conversion_is_cached(smollm2: BaseModel, monkeypatch: pytest.Monke
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
+def test_gguf_converted_by_another_process_first_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two first starts at once (server and CLI): the one that finishes second must not fail."""
+    monkeypatch.setenv("GENADAPTER_CACHE", str(tmp_path / "cache"))
+    replace = base_model.os.replace
+
+    def other_process_wins(src: Path, dst: Path) -> None:
+        if Path(dst).parent == tmp_path / "cache" / "models":  # the conversion's final rename
+            Path(dst).mkdir()
+            (Path(dst) / "config.json").write_text("{}")
+        replace(src, dst)  # now fails: the folder exists and is not empty
+
+    monkeypatch.setattr(base_model.os, "replace", other_process_wins)
+    folder = convert_gguf(default_gguf(), "SmolLM2-135M-Instruct")
+    assert (folder / "config.json").read_text() == "{}"  # the winner's folder, untouched
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
+
+
 def test_missing_model_names_what_was_tried(tmp_path: Path) -> None:
     with pytest.raises(BaseModelError, match="nowhere"):
         base_model.resolve_model_dir(tmp_path / "nowhere")
