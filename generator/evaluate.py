@@ -27,6 +27,8 @@ from generator.model import LoRAFactors
 from generator.pipeline import AdapterPipeline
 from generator.tasks import by_task, chat_ids, cls_prompt, demos_text, qa_prompt, sample_demos
 
+UNPLOTTED = ("/em", "/answer_nll")  # QA panels show F1 only: one scale per panel
+
 
 @dataclass
 class EvalConfig:
@@ -92,23 +94,41 @@ class Evaluator:
                                       do_sample=False, pad_token_id=self.tok.eos_token_id)
         return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
+    def answer_ids(self, answer: str) -> list[int]:
+        """Token ids of `answer` as the assistant's whole reply."""
+        return self.tok(answer + self.tok.eos_token, add_special_tokens=False)["input_ids"]
+
     def qa(self, name: str) -> dict[str, float]:
+        """SQuAD F1/EM of greedy answers, and the reference answer's NLL in nats/token: graded
+        where F1 is still 0. `other_adapter` (NLL only) applies another passage's adapter: what
+        `adapter` gains beyond it is what the adapter stores about its own passage."""
         rows = load_split(self.config.data_dir, name, "test")
         rows = random.Random(self.config.seed).sample(rows, min(len(rows), self.config.qa_examples))
+        adapters = [self.adapter(r["context"]) for r in tqdm(rows, desc=f"adapters {name}")]
         scores: dict[str, list[tuple[float, float]]] = {}
-        for row in tqdm(rows, desc=f"qa {name}"):
+        nlls: dict[str, list[float]] = {}
+        for i, row in enumerate(tqdm(rows, desc=f"qa {name}")):
             answers = row.get("answers") or [row["answer"]]
-            for cond, user, f in (("closed_book", qa_prompt(row["question"]), None),
+            question = qa_prompt(row["question"])
+            for cond, user, f in (("closed_book", question, None),
                                   ("in_context", qa_prompt(row["question"], row["context"]), None),
-                                  ("adapter", qa_prompt(row["question"]),
-                                   self.adapter(row["context"]))):
-                pred = self.answer(user, f)
-                scores.setdefault(cond, []).append(
-                    (max(f1(pred, a) for a in answers), max(exact(pred, a) for a in answers)))
+                                  ("adapter", question, adapters[i]),
+                                  ("other_adapter", question, adapters[i - 1])):
+                prompt = chat_ids(self.tok, user)
+                nll, count = self.nll(prompt + self.answer_ids(row["answer"]), len(prompt) - 1, f)
+                acc = nlls.setdefault(cond, [0.0, 0])
+                acc[0] += nll
+                acc[1] += count
+                if cond != "other_adapter":
+                    pred = self.answer(user, f)
+                    scores.setdefault(cond, []).append(
+                        (max(f1(pred, a) for a in answers), max(exact(pred, a) for a in answers)))
         out: dict[str, float] = {"examples": len(rows)}
         for cond, pairs in scores.items():
             out[f"{cond}/f1"] = 100 * sum(p[0] for p in pairs) / len(pairs)
             out[f"{cond}/em"] = 100 * sum(p[1] for p in pairs) / len(pairs)
+        for cond, (total, count) in nlls.items():
+            out[f"{cond}/answer_nll"] = total / count
         return out
 
     @torch.no_grad()
@@ -123,7 +143,7 @@ class Evaluator:
         with applied(self.pipeline.lora_layers, factors):
             first = self.model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
             for label in labels:
-                answer = self.tok(label + self.tok.eos_token, add_special_tokens=False)["input_ids"]
+                answer = self.answer_ids(label)
                 cache = copy.deepcopy(first.past_key_values)
                 rest = self.model(torch.tensor([answer]), past_key_values=cache).logits
                 logits = torch.cat([first.logits[0], rest[0, :-1]])
@@ -212,7 +232,8 @@ def plot(results: dict[str, dict[str, float]], png: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5))
     for ax, (section, values) in zip(axes, results.items(), strict=True):
-        items = [(k, v) for k, v in values.items() if isinstance(v, float) and "/em" not in k]
+        items = [(k, v) for k, v in values.items()
+                 if isinstance(v, float) and not k.endswith(UNPLOTTED)]
         ax.barh([k for k, _ in items], [v for _, v in items])
         ax.set_title(section + (" (lower is better)" if section == "perplexity" else ""))
         ax.tick_params(axis="y", labelsize=7)

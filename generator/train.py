@@ -49,6 +49,10 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    # skip the update above this gradient norm: near-degenerate singular values of S (short or
+    # padded instruction contexts) make the SVD's gradient explode, and clipping such a gradient
+    # would still spend a step on it and inflate Adam's second moments for hundreds of steps
+    skip_grad_norm: float = 1000.0
     checkpoint_every: int = 50
     max_minutes: float | None = None  # stop (resumably) after this long
     stop_at: int | None = None  # stop (resumably) after this step, e.g. to change --windows
@@ -251,17 +255,18 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
             with accelerator.autocast():
                 losses = model(batch)
             grad_norm = float("nan")
-            if torch.isfinite(losses["loss"]):  # a degenerate SVD: skip, do not poison Adam
+            if torch.isfinite(losses["loss"]):
                 accelerator.backward(losses["loss"])
-                grad_norm = accelerator.clip_grad_norm_(objective.generator.parameters(),
-                                                        config.grad_clip)
+                grad_norm = float(accelerator.clip_grad_norm_(objective.generator.parameters(),
+                                                              config.grad_clip))
+            if grad_norm <= config.skip_grad_norm:  # False for NaN: a degenerate SVD
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = batch.tokens() * accelerator.num_processes / (time.monotonic() - t0)
             row = {"step": step, "kind": kind, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm), "tokens_per_s": round(tokens_per_s, 1),
+                   "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
                    **{k: round(v.item(), 4) for k, v in losses.items()}}
             if accelerator.is_main_process:
                 metrics.write(json.dumps(row) + "\n")

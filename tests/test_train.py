@@ -59,6 +59,19 @@ def test_train_checkpoints_and_resumes(smollm2: BaseModel, tmp_path: Path) -> No
     assert any(p.abs().sum() > 0 for n, p in trained.named_parameters() if n.endswith(".B"))
 
 
+def test_updates_above_the_skip_grad_norm_are_skipped(smollm2: BaseModel, tmp_path: Path) -> None:
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2, window=16))
+    before = {k: v.clone() for k, v in pipeline.generator.state_dict().items()}
+    config = TrainConfig(out_dir=tmp_path / "run", data_dir=write_data(tmp_path / "data"),
+                         window=16, windows=2, pretrain_steps=2, instruct_steps=0,
+                         skip_grad_norm=0.0)  # every gradient is "exploding"
+    train(pipeline, config)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
+    after = pipeline.generator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_squad_metrics() -> None:
     assert f1("The purple barley.", "purple barley") == 1.0
     assert exact("the Purple  barley!", "purple barley") == 1.0
@@ -134,3 +147,23 @@ def test_pretrain_texts_choose_the_sources(smollm2: BaseModel, tmp_path: Path) -
     assert texts() == [TEXT, BROWN, TEXT, TEXT]  # English only; both QA sets' passages
     assert texts(pretrain_texts=("brown", "qa_rc")) == [BROWN, TEXT]
     assert texts(pretrain_texts=("wikipedia",)) == [TEXT]
+
+
+def test_qa_scores_answers_and_their_likelihood_per_condition(smollm2: BaseModel,
+                                                             tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"context": TEXT, "question": "What do farmers grow?", "answer": "purple barley"},
+            {"context": TEXT.replace("Thursday", "Monday"), "question": "When is the market?",
+             "answer": "Monday", "answers": ["Monday", "every Monday"]}]
+    (data / "qa_rc_test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2, std=0.5, window=16))
+    config = EvalConfig(out_dir=tmp_path, data_dir=data, max_new_tokens=4)
+    result = Evaluator(pipeline, config).qa("qa_rc")
+    assert result["examples"] == 2
+    for cond in ("closed_book", "in_context", "adapter"):
+        assert 0 <= result[f"{cond}/f1"] <= 100 and 0 <= result[f"{cond}/em"] <= 100
+    assert "other_adapter/f1" not in result  # another passage's adapter is scored by NLL only
+    # The passage names the answer: in the prompt it is far likelier than without it.
+    assert result["in_context/answer_nll"] < result["closed_book/answer_nll"] - 1
+    assert result["adapter/answer_nll"] != result["other_adapter/answer_nll"]
