@@ -80,15 +80,13 @@ class Evaluator:
                                             ("in_context", context + target, w, None),
                                             ("adapter", target, 0, adapters[i]),
                                             ("other_adapter", target, 0, adapters[i - 1])):
-                    nll, count = self.nll(seq, start, f)
-                    acc = totals.setdefault(f"{task}/{cond}", [0.0, 0])
-                    acc[0] += nll
-                    acc[1] += count
+                    _add_nll(totals, f"{task}/{cond}", *self.nll(seq, start, f))
         return {k: math.exp(v[0] / v[1]) for k, v in totals.items()} | {"documents": len(pairs)}
 
     @torch.no_grad()
-    def answer(self, user: str, factors: LoRAFactors | None) -> str:
-        ids = torch.tensor([chat_ids(self.tok, user)])
+    def answer(self, prompt: list[int], factors: LoRAFactors | None) -> str:
+        """Greedy reply to the chat `prompt` (token ids)."""
+        ids = torch.tensor([prompt])
         with applied(self.pipeline.lora_layers, factors):
             out = self.model.generate(ids, max_new_tokens=self.config.max_new_tokens,
                                       do_sample=False, pad_token_id=self.tok.eos_token_id)
@@ -115,12 +113,10 @@ class Evaluator:
                                   ("adapter", question, adapters[i]),
                                   ("other_adapter", question, adapters[i - 1])):
                 prompt = chat_ids(self.tok, user)
-                nll, count = self.nll(prompt + self.answer_ids(row["answer"]), len(prompt) - 1, f)
-                acc = nlls.setdefault(cond, [0.0, 0])
-                acc[0] += nll
-                acc[1] += count
+                ids = prompt + self.answer_ids(row["answer"])
+                _add_nll(nlls, cond, *self.nll(ids, len(prompt) - 1, f))
                 if cond != "other_adapter":
-                    pred = self.answer(user, f)
+                    pred = self.answer(prompt, f)
                     scores.setdefault(cond, []).append(
                         (max(f1(pred, a) for a in answers), max(exact(pred, a) for a in answers)))
         out: dict[str, float] = {"examples": len(rows)}
@@ -176,6 +172,13 @@ class Evaluator:
             for cond, c in correct.items():
                 out[f"{task}/{cond}"] = 100 * c / len(rows)
         return out
+
+
+def _add_nll(totals: dict[str, list[float]], key: str, nll: float, count: int) -> None:
+    """Sum NLL and tokens per key, so that the mean weighs every token alike."""
+    acc = totals.setdefault(key, [0.0, 0])
+    acc[0] += nll
+    acc[1] += count
 
 
 def normalize(text: str) -> str:
