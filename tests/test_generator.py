@@ -54,6 +54,23 @@ def test_svd_normalization_has_unit_singular_values() -> None:
     assert singular[:, 8:].abs().max() < 1e-5
 
 
+def test_svd_of_a_context_shorter_than_the_rank_keeps_only_its_directions() -> None:
+    """Three tokens give S of rank 3: its other five directions are zero, not noise at full
+    weight, and its gradient stays the size of a full-rank one instead of exploding."""
+    torch.manual_seed(0)
+    mix_u, mix_v = torch.randn(8, 32), torch.randn(8, 32)
+    grads = {}
+    for tokens in (3, 32):
+        k, v = (torch.randn(1, tokens, 32, requires_grad=True) for _ in range(2))
+        u_s, v_s = _svd_factors(k.mT @ v, rank=8)
+        ((u_s @ mix_u) * (v_s @ mix_v)).sum().backward()
+        grads[tokens] = (k.grad.norm() + v.grad.norm()) / tokens**0.5
+        if tokens == 3:
+            assert torch.count_nonzero(u_s[..., 3:]) == torch.count_nonzero(v_s[..., 3:]) == 0
+            assert torch.allclose(u_s[0, :, :3].T @ u_s[0, :, :3], torch.eye(3), atol=1e-5)
+    assert grads[3] < 10 * grads[32]
+
+
 def test_frobenius_normalization_exports_full_inner_rank(tiny_base: BaseModel) -> None:
     gen = random_generator(tiny_base, window=16, rank=8, inner_size=32, normalization="frobenius")
     adapter = AdapterPipeline(tiny_base, gen).adapt_ids(IDS)
