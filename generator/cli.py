@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float, help="gradient norm clipping")
     p.add_argument("--skip-grad-norm", type=float,
-                   help="skip the update when the gradient norm exceeds this (an exploding SVD)")
+                   help="skip the update when the gradient norm exceeds this")
     p.add_argument("--instruct-weights", type=float, nargs=3, metavar=("CONFLICTS", "RC", "CLS"),
                    help="how often each instruction source is drawn: knowledge-conflict QA, "
                         "reading comprehension, few-shot classification")

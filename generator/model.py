@@ -72,7 +72,7 @@ def _svd_factors(s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
         ranks = (values > RANK_RTOL * values[..., :1]).sum(-1).clamp(1, rank).tolist()
     devices = [s.device] if s.device.type == "cuda" else []
     us, vs = [], []
-    for matrix, q in zip(s, ranks):
+    for matrix, q in zip(s, ranks, strict=True):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(SVD_SEED)
             u, _, v = torch.svd_lowrank(matrix, q=q, niter=2)

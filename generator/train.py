@@ -49,9 +49,9 @@ class TrainConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    # skip the update above this gradient norm: a context shorter than the rank leaves S
-    # rank-deficient and the SVD's gradient explodes; clipped, such a gradient would still move
-    # a few weights a full step and inflate their Adam second moments for hundreds of steps
+    # skip the update above this gradient norm (a safety net: the SVD keeps only S's numerical
+    # rank, whose gradients stay bounded); clipped, an exploding gradient would still move a few
+    # weights a full step and inflate their Adam second moments for hundreds of steps
     skip_grad_norm: float = 1000.0
     checkpoint_every: int = 50
     max_minutes: float | None = None  # stop (resumably) after this long
