@@ -64,21 +64,27 @@ class ModuleGenerator(nn.Module):
 
 
 def _svd_factors(s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """U, V of a rank-`rank` randomized SVD of each s in the batch, reproducible through a fixed
-    seed. Directions past the numerical rank of s (a context of fewer than `rank` tokens) are
-    zero: they would be noise at full weight, and their gradients explode."""
-    with torch.no_grad():
-        values = torch.linalg.svdvals(s)
-        ranks = (values > RANK_RTOL * values[..., :1]).sum(-1).clamp(1, rank).tolist()
+    """U, V of a rank-`rank` randomized SVD of each s in the batch. Directions past the numerical
+    rank of s (a context of fewer than `rank` tokens) are zero: they would be noise at full
+    weight, and their gradients explode, so such an s is decomposed again at its own rank."""
     devices = [s.device] if s.device.type == "cuda" else []
     us, vs = [], []
-    for matrix, q in zip(s, ranks, strict=True):
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(SVD_SEED)
-            u, _, v = torch.svd_lowrank(matrix, q=q, niter=2)
+    for matrix in s:
+        u, values, v = _seeded_svd_lowrank(matrix, rank, devices)
+        q = int((values > RANK_RTOL * values[0]).sum().clamp(min=1))
+        if q < rank:
+            u, _, v = _seeded_svd_lowrank(matrix, q, devices)
         us.append(F.pad(u, (0, rank - q)))
         vs.append(F.pad(v, (0, rank - q)))
     return torch.stack(us), torch.stack(vs)
+
+
+def _seeded_svd_lowrank(matrix: Tensor, q: int, devices: list[torch.device]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.svd_lowrank under SVD_SEED."""
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(SVD_SEED)
+        return torch.svd_lowrank(matrix, q=q, niter=2)
 
 
 class AdapterGenerator(nn.Module):
