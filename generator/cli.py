@@ -70,6 +70,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     base = load_base_model(args.base_model)
     if args.init:
         generator = load_generator(args.init)
+        # the generator reads contexts in the window it was trained with
+        generator.config = dataclasses.replace(generator.config, window=config.window)
     else:
         overrides = {"alpha": args.alpha} if args.alpha else {}
         generator = new_generator(base, config.seed, window=config.window, **overrides)
@@ -81,7 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     pipeline = load_pipeline(args.base_model, args.generator)
     config = EvalConfig(out_dir=args.out, data_dir=args.data_dir, ppl_docs=args.ppl_docs,
-                        qa_examples=args.qa_examples, cls_examples=args.cls_examples)
+                        ppl_window=args.ppl_window, qa_examples=tuple(args.qa_examples),
+                        cls_examples=args.cls_examples)
     print(markdown(evaluate(pipeline, config)))
 
 
@@ -126,6 +129,16 @@ def cmd_bench_adapt(args: argparse.Namespace) -> None:
     result = bench.run(load_pipeline(args.base_model, args.generator), tuple(args.tokens))
     table = bench.markdown(result)
     bench.write(result, table, bench.SECTION, args.json, args.markdown)
+    print(table)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from generator import bench
+
+    pipeline = load_pipeline(args.base_model, args.generator)
+    result = bench.run_train(pipeline, args.data_dir, args.steps, args.batch_size)
+    table = bench.markdown_train(result)
+    bench.write(result, table, bench.TRAIN_SECTION, args.json, args.markdown)
     print(table)
 
 
@@ -181,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None,
                    help="LoRA alpha of a new generator (default: d_r / 16, as in the paper)")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--window", type=int, help="tokens per window while training")
+    p.add_argument("--window", type=int, help="tokens per window while training; the trained "
+                   "generator reads contexts in this window (with --init too)")
     p.add_argument("--windows", type=int, help="windows per self-supervised sequence")
     p.add_argument("--max-context-windows", type=int,
                    help="instruction contexts are cut to this many windows")
@@ -202,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "reading comprehension, few-shot classification")
     p.add_argument("--instruct-pretrain-mix", type=float,
                    help="share of self-supervised steps during instruction tuning")
+    p.add_argument("--qa-objective", choices=("distill", "answer"),
+                   help="QA steps: match the base model reading the passage in its prompt "
+                        "(distill, the default) or cross-entropy on the dataset answer")
+    p.add_argument("--teacher-answers", type=float,
+                   help="share of distilled answers that are the teacher's own greedy reply")
+    p.add_argument("--teacher-max-tokens", type=int, help="longest teacher reply")
+    p.add_argument("--eval-every", type=int,
+                   help="validation gain recovered every this many steps (0: never)")
+    p.add_argument("--eval-examples", type=int,
+                   help="validation questions per QA set, before keeping the answerable ones")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, help="stop resumably after this")
     p.add_argument("--stop-at", type=int, help="stop resumably after this step")
@@ -213,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for results.{json,md,png}")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--ppl-docs", type=int, default=100, help="held-out documents for perplexity")
-    p.add_argument("--qa-examples", type=int, default=100, help="questions per QA set")
+    p.add_argument("--ppl-window", type=int, default=None,
+                   help="context and target tokens of the perplexity protocol (default: the "
+                        "generator's window)")
+    p.add_argument("--qa-examples", type=int, nargs="+", default=[1000],
+                   help="questions per QA set, before keeping those answered right in context: "
+                        "one number for all sets, or one per set (knowledge conflicts, reading "
+                        "comprehension)")
     p.add_argument("--cls-examples", type=int, default=50, help="inputs per task and k")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -239,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     add_model_args(p)
     p.set_defaults(func=cmd_bench_adapt)
+    p = bench.add_parser("train", help="time of a distillation training step per window")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per setting")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", type=Path, default=Path("benchmarks/train.json"))
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    add_model_args(p)
+    p.set_defaults(func=cmd_bench_train)
     return parser
 
 

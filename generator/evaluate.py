@@ -8,11 +8,14 @@ classification. Writes JSON, a markdown table and a bar chart.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import random
 import re
 import string
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +24,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generator.data import DEFAULT_DATA_DIR, load_split
+from generator.data import DEFAULT_DATA_DIR, QA_SETS, load_split
 from generator.lora import applied
 from generator.model import LoRAFactors
 from generator.pipeline import AdapterPipeline
-from generator.tasks import by_task, chat_ids, cls_prompt, demos_text, qa_prompt, sample_demos
+from generator.tasks import (
+    PHRASINGS,
+    by_task,
+    chat_ids,
+    cls_prompt,
+    demos_text,
+    qa_prompt,
+    sample_demos,
+)
 
-UNPLOTTED = ("/em", "/answer_nll")  # QA panels show F1 only: one scale per panel
+BASELINE_CACHE = "baseline_replies.json"  # in the data folder: the base model's own replies
+BOOTSTRAP_SAMPLES = 2000
 
 
 @dataclass
@@ -36,10 +48,12 @@ class EvalConfig:
     data_dir: Path = DEFAULT_DATA_DIR
     ppl_window: int | None = None  # W of the Table 2 protocol; default: the generator's window
     ppl_docs: int = 100
-    qa_examples: int = 100  # per QA set
+    # questions per QA set (in QA_SETS order; one number for all), before keeping the answerable
+    qa_examples: tuple[int, ...] = (1000,)
     cls_examples: int = 50  # per classification task and k
     shots: tuple[int, ...] = (4, 16)
     max_new_tokens: int = 24
+    batch_size: int = 16  # prompts per greedy batch
     seed: int = 0
 
 
@@ -48,6 +62,17 @@ class Evaluator:
         self.pipeline, self.config = pipeline, config
         self.tok = pipeline.base.tokenizer
         self.model = pipeline.base.model
+        path = config.data_dir / BASELINE_CACHE
+        self.baseline_cache: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def save_baseline_cache(self) -> None:
+        """Merge into the file (another evaluation may be writing it too), atomically."""
+        path = self.config.data_dir / BASELINE_CACHE
+        if path.is_file():
+            self.baseline_cache = json.loads(path.read_text()) | self.baseline_cache
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
+            json.dump(self.baseline_cache, f)
+        os.replace(f.name, path)
 
     def adapter(self, text: str) -> LoRAFactors:
         return self.pipeline.adapt(text).factors
@@ -83,49 +108,100 @@ class Evaluator:
                     _add_nll(totals, f"{task}/{cond}", *self.nll(seq, start, f))
         return {k: math.exp(v[0] / v[1]) for k, v in totals.items()} | {"documents": len(pairs)}
 
-    @torch.no_grad()
-    def answer(self, prompt: list[int], factors: LoRAFactors | None) -> str:
-        """Greedy reply to the chat `prompt` (token ids)."""
-        ids = torch.tensor([prompt])
-        with applied(self.pipeline.lora_layers, factors):
-            out = self.model.generate(ids, max_new_tokens=self.config.max_new_tokens,
-                                      do_sample=False, pad_token_id=self.tok.eos_token_id)
-        return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    def greedy(self, prompts: list[list[int]], factors: list[LoRAFactors] | None) -> list[str]:
+        """Greedy replies to chat `prompts` (token ids); `factors[i]` is applied to prompt i."""
+        ids = greedy_ids(self.pipeline, prompts, factors, self.config.max_new_tokens,
+                         self.config.batch_size)
+        return [r.strip() for r in self.tok.batch_decode(ids, skip_special_tokens=True)]
 
     def answer_ids(self, answer: str) -> list[int]:
         """Token ids of `answer` as the assistant's whole reply."""
         return self.tok(answer + self.tok.eos_token, add_special_tokens=False)["input_ids"]
 
-    def qa(self, name: str) -> dict[str, float]:
-        """SQuAD F1/EM of greedy answers, and the reference answer's NLL in nats/token: graded
-        where F1 is still 0. `other_adapter` (NLL only) applies another passage's adapter: what
-        `adapter` gains beyond it is what the adapter stores about its own passage."""
-        rows = load_split(self.config.data_dir, name, "test")
-        rows = random.Random(self.config.seed).sample(rows, min(len(rows), self.config.qa_examples))
-        adapters = [self.adapter(r["context"]) for r in tqdm(rows, desc=f"adapters {name}")]
-        scores: dict[str, list[tuple[float, float]]] = {}
-        nlls: dict[str, list[float]] = {}
-        for i, row in enumerate(tqdm(rows, desc=f"qa {name}")):
-            answers = row.get("answers") or [row["answer"]]
-            question = qa_prompt(row["question"])
-            for cond, user, f in (("closed_book", question, None),
-                                  ("in_context", qa_prompt(row["question"], row["context"]), None),
-                                  ("adapter", question, adapters[i]),
-                                  ("other_adapter", question, adapters[i - 1])):
-                prompt = chat_ids(self.tok, user)
-                ids = prompt + self.answer_ids(row["answer"])
-                _add_nll(nlls, cond, *self.nll(ids, len(prompt) - 1, f))
-                if cond != "other_adapter":
-                    pred = self.answer(prompt, f)
-                    scores.setdefault(cond, []).append(
-                        (max(f1(pred, a) for a in answers), max(exact(pred, a) for a in answers)))
+    def qa_rows(self, name: str, split: str = "test", examples: int | None = None) -> list[dict]:
+        """A seeded sample of a QA split (questions whose answer normalizes to nothing dropped)."""
+        rows = [r for r in load_split(self.config.data_dir, name, split)
+                if any(map(normalize, _answers(r)))]
+        counts = self.config.qa_examples
+        n = min(len(rows), examples or counts[QA_SETS.index(name) if len(counts) > 1 else 0])
+        return random.Random(self.config.seed).sample(rows, n)
+
+    def prompts(self, rows: list[dict], phrasing: str, with_context: bool) -> list[list[int]]:
+        return [chat_ids(self.tok, qa_prompt(r["question"], r["context"] if with_context else None,
+                                             phrasing)) for r in rows]
+
+    def answerable(self, rows: list[dict], phrasing: str) -> tuple[list[int], list[float]]:
+        """Rows the base model answers correctly with the passage in its prompt, and whether it
+        answers each of them closed-book: the base model's part, the same for every generator."""
+        in_context = _correct(rows, self.cached_greedy(self.prompts(rows, phrasing, True)))
+        chosen = [i for i, ok in enumerate(in_context) if ok]
+        picked = [rows[i] for i in chosen]
+        return chosen, _correct(picked, self.cached_greedy(self.prompts(picked, phrasing, False)))
+
+    def qa(self, name: str, split: str = "test", examples: int | None = None) -> dict[str, float]:
+        """Gain recovered on questions the base model answers correctly with the passage in its
+        prompt (chosen by that answer alone), per phrasing and over all of them (`all`), with a
+        bootstrap 95% interval.
+
+        A reply is correct when it contains a reference answer (normalized, whole words).
+        gain = (adapter - closed_book) / (in_context - closed_book), in_context = 1 on the
+        chosen questions. `other_adapter` (another passage's adapter) is the control: it must
+        not help. Also the reference answer's NLL (nats/token) per condition, on the questions
+        chosen under any phrasing."""
+        rows = self.qa_rows(name, split, examples)
+        adapters: dict[int, LoRAFactors] = {}
+
+        def adapter(i: int) -> LoRAFactors:
+            if i not in adapters:
+                adapters[i] = self.adapter(rows[i]["context"])
+            return adapters[i]
+
         out: dict[str, float] = {"examples": len(rows)}
-        for cond, pairs in scores.items():
-            out[f"{cond}/f1"] = 100 * sum(p[0] for p in pairs) / len(pairs)
-            out[f"{cond}/em"] = 100 * sum(p[1] for p in pairs) / len(pairs)
+        pooled: dict[str, list[float]] = {}
+        for phrasing in PHRASINGS:
+            chosen, closed = self.answerable(rows, phrasing)
+            out[f"{phrasing}/answerable"] = len(chosen)
+            if not chosen:
+                continue
+            picked = [rows[i] for i in chosen]
+            questions = self.prompts(picked, phrasing, False)
+            other_of = chosen[1:] + chosen[:1]  # the next chosen passage's adapter
+            scores = {"closed_book": closed}
+            for cond, owners in (("adapter", chosen), ("other_adapter", other_of)):
+                replies = self.greedy(questions, [adapter(i) for i in owners])
+                scores[cond] = _correct(picked, replies)
+            for cond, values in scores.items():
+                pooled.setdefault(cond, []).extend(values)
+            _report_gains(out, phrasing, scores, self.config.seed)
+        if pooled:
+            _report_gains(out, "all", pooled, self.config.seed)
+        nlls: dict[str, list[float]] = {}
+        for i in tqdm(sorted(set(adapters)), desc=f"answer nll {name}"):
+            question = qa_prompt(rows[i]["question"])
+            for cond, user, f in (("closed_book", question, None),
+                                  ("in_context", qa_prompt(rows[i]["question"], rows[i]["context"]),
+                                   None),
+                                  ("adapter", question, adapter(i)),
+                                  ("other_adapter", question, adapter((i + 1) % len(rows)))):
+                prompt = chat_ids(self.tok, user)
+                ids = prompt + self.answer_ids(rows[i]["answer"])
+                _add_nll(nlls, cond, *self.nll(ids, len(prompt) - 1, f))
         for cond, (total, count) in nlls.items():
             out[f"{cond}/answer_nll"] = total / count
         return out
+
+    def cached_greedy(self, prompts: list[list[int]]) -> list[str]:
+        """Greedy replies of the base model alone: they do not depend on the generator, so they
+        are kept in `baseline_cache` and computed once per base model and prompt."""
+        key = [hashlib.sha256(f"{self.pipeline.base.name}\0{self.config.max_new_tokens}\0{p}"
+                              .encode()).hexdigest()[:24] for p in prompts]
+        cache = self.baseline_cache
+        todo = [p for k, p in zip(key, prompts, strict=True) if k not in cache]
+        todo_keys = [k for k in key if k not in cache]
+        if todo:
+            cache.update(zip(todo_keys, self.greedy(todo, None), strict=True))
+            self.save_baseline_cache()
+        return [cache[k] for k in key]
 
     @torch.no_grad()
     def label_nll(self, user: str, labels: list[str], factors: LoRAFactors | None
@@ -181,34 +257,98 @@ def _add_nll(totals: dict[str, list[float]], key: str, nll: float, count: int) -
     acc[1] += count
 
 
+@torch.no_grad()
+def greedy_ids(pipeline: AdapterPipeline, prompts: list[list[int]],
+               factors: list[LoRAFactors] | None, max_new_tokens: int, batch_size: int
+               ) -> list[list[int]]:
+    """Greedy reply ids (up to and including EOS) to chat `prompts`, in left-padded batches;
+    `factors[i]` (one adapter per prompt) is applied to prompt i."""
+    tok, model = pipeline.base.tokenizer, pipeline.base.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    replies: list[list[int]] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch",
+                      leave=False):
+        chunk = prompts[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                            device=model.device)
+        batched = None if factors is None else stack_factors(factors[start:start + batch_size])
+        with applied(pipeline.lora_layers, batched):
+            out = model.generate(ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            replies.append(row[:end])
+    return replies
+
+
+def _answers(row: dict) -> list[str]:
+    return row.get("answers") or [row["answer"]]
+
+
+def _correct(rows: list[dict], replies: list[str]) -> list[float]:
+    return [contains(reply, _answers(r)) for r, reply in zip(rows, replies, strict=True)]
+
+
+def _report_gains(out: dict[str, float], group: str, scores: dict[str, list[float]],
+                  seed: int) -> None:
+    """Accuracy per condition and gain recovered (95% interval) of each adapter condition."""
+    out[f"{group}/questions"] = len(scores["closed_book"])
+    for cond, values in scores.items():
+        out[f"{group}/{cond}/acc"] = 100 * sum(values) / len(values)
+    for cond in ("adapter", "other_adapter"):
+        gain, low, high = gain_recovered(scores["closed_book"], scores[cond], seed)
+        out[f"{group}/{cond}/gain"] = 100 * gain
+        out[f"{group}/{cond}/gain_low"] = 100 * low
+        out[f"{group}/{cond}/gain_high"] = 100 * high
+
+
+def stack_factors(adapters: list[LoRAFactors]) -> LoRAFactors:
+    """One batched adapter from per-prompt ones: factor i applies to prompt i."""
+    return {name: (torch.cat([f[name][0] for f in adapters]),
+                   torch.cat([f[name][1] for f in adapters])) for name in adapters[0]}
+
+
 def normalize(text: str) -> str:
     """SQuAD answer normalization: lower case, no punctuation, articles or extra spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-def f1(prediction: str, reference: str) -> float:
-    pred, ref = normalize(prediction).split(), normalize(reference).split()
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+def contains(reply: str, answers: list[str]) -> float:
+    """1.0 when the reply holds a reference answer as whole words (normalized), else 0.0.
+
+    Chat replies are sentences ("He was born in 1965."): exact match or F1 would punish the
+    wording, not the content."""
+    padded = f" {normalize(reply)} "
+    return float(any(f" {a} " in padded for a in map(normalize, answers) if a))
 
 
-def exact(prediction: str, reference: str) -> float:
-    return float(normalize(prediction) == normalize(reference))
+def gain_recovered(closed: list[float], adapter: list[float], seed: int = 0
+                   ) -> tuple[float, float, float]:
+    """(adapter - closed) / (1 - closed) on questions answered correctly in context, and its
+    bootstrap 95% interval over questions. NaN where closed-book already answers them all."""
+
+    def gain(idx: list[int]) -> float:
+        c = sum(closed[i] for i in idx) / len(idx)
+        a = sum(adapter[i] for i in idx) / len(idx)
+        return (a - c) / (1 - c) if c < 1 else math.nan
+
+    n, rng = len(closed), random.Random(seed)
+    samples = sorted(g for g in (gain([rng.randrange(n) for _ in range(n)])
+                                 for _ in range(BOOTSTRAP_SAMPLES)) if not math.isnan(g))
+    if not samples:
+        return math.nan, math.nan, math.nan
+    return (gain(list(range(n))), samples[int(0.025 * len(samples))],
+            samples[int(0.975 * len(samples)) - 1])
 
 
 def evaluate(pipeline: AdapterPipeline, config: EvalConfig) -> dict[str, dict[str, float]]:
     """Run all three measurements; write results.json, results.md and results.png."""
     ev = Evaluator(pipeline, config)
-    results = {
-        "perplexity": ev.perplexity(),
-        "qa_conflicts": ev.qa("qa_conflicts"),
-        "qa_rc": ev.qa("qa_rc"),
-        "classification": ev.classification(),
-    }
+    results = {"perplexity": ev.perplexity(), **{name: ev.qa(name) for name in QA_SETS},
+               "classification": ev.classification()}
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (config.out_dir / "results.md").write_text(markdown(results))
@@ -235,8 +375,8 @@ def plot(results: dict[str, dict[str, float]], png: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5))
     for ax, (section, values) in zip(axes, results.items(), strict=True):
-        items = [(k, v) for k, v in values.items()
-                 if isinstance(v, float) and not k.endswith(UNPLOTTED)]
+        items = [(k, v) for k, v in values.items() if isinstance(v, float)
+                 and (k.endswith("/gain") or section in ("perplexity", "classification"))]
         ax.barh([k for k, _ in items], [v for _, v in items])
         ax.set_title(section + (" (lower is better)" if section == "perplexity" else ""))
         ax.tick_params(axis="y", labelsize=7)

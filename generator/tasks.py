@@ -7,12 +7,21 @@ import random
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 QA_INSTRUCTION = "Answer with a short phrase from the text."
+# How a user may ask about a document: the training template, the bare question, a brief ask.
+# An adapter must answer under each, so evaluation reports each and training draws from all.
+PHRASINGS = ("instruction", "bare", "brief")
 
 
-def qa_prompt(question: str, context: str | None = None) -> str:
+def qa_prompt(question: str, context: str | None = None, phrasing: str = "instruction") -> str:
     """User message for document QA; `context` in the prompt is the in-context baseline."""
     head = f"{context}\n\n" if context else ""
-    return f"{head}{QA_INSTRUCTION}\nQuestion: {question}"
+    if phrasing == "instruction":
+        return f"{head}{QA_INSTRUCTION}\nQuestion: {question}"
+    if phrasing == "bare":
+        return f"{head}{question}"
+    if phrasing == "brief":
+        return f"{head}{question} Answer briefly."
+    raise ValueError(f"phrasing must be one of {PHRASINGS}, not {phrasing!r}")
 
 
 def demos_text(demos: list[dict]) -> str:

@@ -22,10 +22,19 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from generator.data import DEFAULT_DATA_DIR, PRETRAIN_SOURCES, QA_SETS, load_split
+from generator.evaluate import EvalConfig, Evaluator, greedy_ids
 from generator.lora import applied
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator
-from generator.tasks import by_task, chat_ids, cls_prompt, demos_text, qa_prompt, sample_demos
+from generator.tasks import (
+    PHRASINGS,
+    by_task,
+    chat_ids,
+    cls_prompt,
+    demos_text,
+    qa_prompt,
+    sample_demos,
+)
 
 IGNORE = -100  # label of tokens without loss
 
@@ -45,6 +54,13 @@ class TrainConfig:
     instruct_pretrain_mix: float = 0.25  # share of self-supervised steps while instruction tuning
     # how often each instruction source is drawn: (*QA_SETS, few-shot classification)
     instruct_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)
+    # QA steps: "distill" matches the base model reading the passage in its prompt (the teacher)
+    # at every answer token; "answer" is cross-entropy on the dataset's answer
+    qa_objective: str = "distill"
+    teacher_answers: float = 0.5  # share of distilled answers that are the teacher's own reply
+    teacher_max_tokens: int = 24
+    eval_every: int = 100  # validation gain recovered every this many steps (0: never)
+    eval_examples: int = 64  # validation questions per QA set, before keeping answerable ones
     lr: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -66,16 +82,36 @@ class TrainConfig:
 
 @dataclass
 class Batch:
-    """Context windows (b, n, W) that make the adapter, then a target (b, T) scored with it."""
+    """Context windows (b, n, W) that make the adapter, then a target (b, T) scored with it.
+
+    With `teacher` (b, T'), the target is distilled: at each labelled token the student (the
+    adapter, target without the context) matches the teacher (no adapter, the context in its
+    prompt), whose labelled tokens are the same answer."""
 
     context: Tensor
     context_mask: Tensor
     target: Tensor
     target_labels: Tensor
     completion: bool  # also score each context window t > 0 with the adapter of windows < t
+    teacher: Tensor | None = None
+    teacher_labels: Tensor | None = None
 
     def tokens(self) -> int:
         return int(self.context_mask.sum() + (self.target_labels != IGNORE).sum())
+
+
+def labelled_logits(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    """Logits (N, V) of the positions that predict a labelled token, in row-major order; the
+    lm_head (49K x 576 on SmolLM2) runs on those positions only."""
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+    return model.get_output_embeddings()(hidden[labels[:, 1:] != IGNORE]).float()
+
+
+def distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """KL(teacher || student) per position, averaged: the teacher's whole next-token
+    distribution, not one answer token, is the target."""
+    t = F.log_softmax(teacher, -1)
+    return (t.exp() * (t - F.log_softmax(student, -1))).sum(-1).mean()
 
 
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -105,8 +141,17 @@ class Objective(nn.Module):
                 completion.append(lm_loss(logits, ids.masked_fill(mask == 0, IGNORE)))
             state = add_states(state, s)
             factors = self.generator.lora(state)
+        model = pipeline.base.model
+        if batch.teacher is not None:
+            assert batch.teacher_labels is not None
+            with torch.no_grad():
+                teacher = labelled_logits(model, batch.teacher, batch.teacher_labels)
+            with applied(pipeline.lora_layers, factors):
+                student = labelled_logits(model, batch.target, batch.target_labels)
+            loss = distill_loss(student, teacher)
+            return {"loss": loss, "distill": loss}
         with applied(pipeline.lora_layers, factors):
-            logits = pipeline.base.model(input_ids=batch.target).logits
+            logits = model(input_ids=batch.target).logits
         target = lm_loss(logits, batch.target_labels)
         if not completion:  # an instruction, or a single self-supervised window
             return {"loss": target, "reconstruction" if batch.completion else "instruct": target}
@@ -147,9 +192,12 @@ class BatchSampler:
         j = self.rng.randrange(c.windows)  # reconstruct a window the adapter has read
         return Batch(context, torch.ones_like(context), context[:, j], context[:, j].clone(), True)
 
-    def instruct_example(self) -> tuple[str, str, str]:
-        """(context, user message, answer) from QA or few-shot classification."""
-        source = self.rng.choices((*QA_SETS, "cls"), self.config.instruct_weights)[0]
+    def source(self) -> str:
+        """The instruction source of the next batch: a QA set or "cls"."""
+        return self.rng.choices((*QA_SETS, "cls"), self.config.instruct_weights)[0]
+
+    def instruct_example(self, source: str) -> tuple[str, str, str]:
+        """(context, user message, answer) from a QA set or few-shot classification."""
         if source in self.qa:
             row = self.rng.choice(self.qa[source])
             return row["context"], qa_prompt(row["question"]), row["answer"]
@@ -158,34 +206,83 @@ class BatchSampler:
         demos = sample_demos(self.cls, task, self.rng.choice((4, 16)), self.rng, row["input"])
         return demos_text(demos), cls_prompt(row), row["label"]
 
+    def context_ids(self, text: str) -> list[int]:
+        c = self.config
+        ids = self.pipeline.base.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[:c.window * c.max_context_windows]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        tok = self.pipeline.base.tokenizer
+        return tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+
     def instruct(self) -> Batch:
+        source = self.source()
+        if source in self.qa and self.config.qa_objective == "distill":
+            return self.distill(source)
+        contexts, prompts, answers = [], [], []
+        for _ in range(self.config.batch_size):
+            context, prompt, answer = self.instruct_example(source)
+            contexts.append(self.context_ids(context))
+            prompts.append(chat_ids(self.pipeline.base.tokenizer, prompt))
+            answers.append(self.answer_ids(answer))
+        return self.collate(contexts, *_with_answers(prompts, answers))
+
+    def distill(self, source: str) -> Batch:
+        """Questions about passages in any phrasing; the teacher reads the passage (as cut for
+        the adapter) in its prompt. Answers: the dataset's, or the teacher's own greedy reply."""
         c, tok = self.config, self.pipeline.base.tokenizer
-        contexts, targets, labels = [], [], []
+        contexts, students, teachers, answers = [], [], [], []
         for _ in range(c.batch_size):
-            context, prompt, answer = self.instruct_example()
-            ids = tok(context, add_special_tokens=False)["input_ids"]
-            contexts.append(ids[:c.window * c.max_context_windows])
-            p = chat_ids(tok, prompt)
-            a = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
-            targets.append(p + a)
-            labels.append([IGNORE] * len(p) + a)
-        n = max(math.ceil(len(x) / c.window) for x in contexts)
-        context = torch.full((c.batch_size, n * c.window), tok.pad_token_id or 0)
+            row, phrasing = self.rng.choice(self.qa[source]), self.rng.choice(PHRASINGS)
+            ids = self.context_ids(row["context"])
+            contexts.append(ids)
+            passage = tok.decode(ids)
+            students.append(chat_ids(tok, qa_prompt(row["question"], None, phrasing)))
+            teachers.append(chat_ids(tok, qa_prompt(row["question"], passage, phrasing)))
+            answers.append(self.answer_ids(row["answer"]))
+        own = [i for i in range(c.batch_size) if self.rng.random() < c.teacher_answers]
+        if own:
+            replies = greedy_ids(self.pipeline, [teachers[i] for i in own], None,
+                                 c.teacher_max_tokens, len(own))
+            for i, reply in zip(own, replies, strict=True):
+                answers[i] = reply
+        batch = self.collate(contexts, *_with_answers(students, answers))
+        batch.teacher, batch.teacher_labels = self.pad(*_with_answers(teachers, answers))
+        return batch
+
+    def pad(self, targets: list[list[int]], labels: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Right-padded (b, T) ids and labels; padding is never labelled."""
+        pad, t = self.pipeline.base.tokenizer.pad_token_id or 0, max(map(len, targets))
+        return (torch.tensor([x + [pad] * (t - len(x)) for x in targets]),
+                torch.tensor([x + [IGNORE] * (t - len(x)) for x in labels]))
+
+    def collate(self, contexts: list[list[int]], targets: list[list[int]],
+                labels: list[list[int]]) -> Batch:
+        """Contexts padded to whole windows (b, n, W) with their mask; targets padded (b, T)."""
+        longest = max(map(len, contexts))
+        n = math.ceil(longest / self.config.window)
+        w = self.config.window if n > 1 else longest  # one window: no padding past the longest
+        context = torch.full((len(contexts), n * w), self.pipeline.base.tokenizer.pad_token_id or 0)
         context_mask = torch.zeros_like(context)
         for i, x in enumerate(contexts):
             context[i, :len(x)] = torch.tensor(x)
             context_mask[i, :len(x)] = 1
-        t = max(map(len, targets))
-        target = torch.tensor([x + [tok.pad_token_id or 0] * (t - len(x)) for x in targets])
-        target_labels = torch.tensor([x + [IGNORE] * (t - len(x)) for x in labels])
-        shape = (c.batch_size, n, c.window)
-        return Batch(context.view(shape), context_mask.view(shape), target, target_labels, False)
+        shape = (len(contexts), n, w)
+        return Batch(context.view(shape), context_mask.view(shape), *self.pad(targets, labels),
+                     False)
 
     def batch(self, step: int) -> tuple[str, Batch]:
         """The batch of `step`: self-supervised first, then mostly instructions."""
         instruct = (step >= self.config.pretrain_steps
                     and self.rng.random() >= self.config.instruct_pretrain_mix)
         return ("instruct", self.instruct()) if instruct else ("pretrain", self.pretrain())
+
+
+def _with_answers(prompts: list[list[int]], answers: list[list[int]]
+                  ) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt + answer ids, and labels that mark the answer tokens only."""
+    pairs = list(zip(prompts, answers, strict=True))
+    return [p + a for p, a in pairs], [[IGNORE] * len(p) + a for p, a in pairs]
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
@@ -273,6 +370,12 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
                 metrics.flush()
             bar.set_postfix(kind=kind, loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             bar.update()
+            if config.eval_every and step % config.eval_every == 0 and accelerator.is_main_process:
+                scores = validate(pipeline, config)
+                metrics.write(json.dumps({"step": step, "kind": "validation", **scores}) + "\n")
+                metrics.flush()
+                bar.write(f"step {step}: validation gain recovered {scores['gain']:.1f}% "
+                          f"(another passage's adapter {scores['other_gain']:.1f}%)")
             if step % config.checkpoint_every == 0 or step == end:
                 checkpoint()
             if config.max_minutes and time.monotonic() - started > 60 * config.max_minutes:
@@ -285,6 +388,27 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
         save_generator(objective.generator, final)
         plot_losses(out / "metrics.jsonl", out / "loss.png")
     return final
+
+
+def validate(pipeline: AdapterPipeline, config: TrainConfig) -> dict[str, float]:
+    """Gain recovered on answerable validation questions of each QA set, every phrasing (what a
+    run is for; nanoGPT's estimate_loss), and its mean over them as `gain` (`other_gain`: with
+    another passage's adapter, the control)."""
+    generator = pipeline.generator
+    was_training = generator.training
+    generator.eval()
+    evaluator = Evaluator(pipeline, EvalConfig(out_dir=config.out_dir, data_dir=config.data_dir,
+                                               qa_examples=(config.eval_examples,)))
+    scores: dict[str, float] = {}
+    for name in QA_SETS:
+        result = evaluator.qa(name, split="validation")
+        scores |= {f"{name}/{k}": round(v, 3) for k, v in result.items()
+                   if k.endswith(("/gain", "answer_nll", "answerable"))}
+    generator.train(was_training)
+    for key, cond in (("gain", "/adapter/gain"), ("other_gain", "/other_adapter/gain")):
+        values = [v for k, v in scores.items() if k.endswith(cond) and not math.isnan(v)]
+        scores[key] = sum(values) / len(values) if values else math.nan
+    return scores
 
 
 def _lr_lambda(config: TrainConfig):  # noqa: ANN202 (a closure for LambdaLR)
@@ -305,8 +429,8 @@ def plot_losses(metrics_file: Path, png: Path, smooth: int = 20) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("completion", "reconstruction", "instruct"):
+    fig, (ax, val) = plt.subplots(1, 2, figsize=(12, 4))
+    for key in ("completion", "reconstruction", "instruct", "distill"):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if not points:
             continue
@@ -316,6 +440,12 @@ def plot_losses(metrics_file: Path, png: Path, smooth: int = 20) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()
+    checks = [r for r in rows if r["kind"] == "validation"]
+    for key, label in (("gain", "own adapter"), ("other_gain", "another passage's adapter")):
+        val.plot([r["step"] for r in checks], [r[key] for r in checks], marker="o", label=label)
+    val.set_xlabel("step")
+    val.set_ylabel("validation gain recovered (%)")
+    val.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

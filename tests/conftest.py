@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,32 @@ from generator.base_model import BaseModel, load_base_model
 from generator.config import GeneratorConfig
 from generator.model import AdapterGenerator
 from generator.pipeline import AdapterPipeline
+
+TEXT = ("The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
+        "barley and trade it in the market every Thursday. ") * 12
+BROWN = "A Brown corpus sample. " * 50
+
+
+def write_data(folder: Path) -> Path:
+    """Train and validation splits of every source, each a few rows about TEXT."""
+    folder.mkdir(parents=True)
+    rows = {
+        "pretrain": [{"text": TEXT, "lang": "en", "source": "wikipedia"},
+                     {"text": "Ein deutscher Text. " * 50, "lang": "de", "source": "wikipedia"},
+                     {"text": BROWN, "lang": "en", "source": "brown"}],
+        "qa_conflicts": [{"context": TEXT, "question": "What do farmers grow?",
+                          "answer": "purple barley", "answers": ["purple barley"]}],
+        "qa_rc": [{"context": TEXT, "question": "When is the market?", "answer": "Thursday",
+                   "answers": ["Thursday"]}],
+        "cls": [{"task": "t", "input": f"sentence {i}", "label": "yes" if i % 2 else "no",
+                 "labels": ["yes", "no"]} for i in range(20)],
+    }
+    for name, data in rows.items():
+        (folder / f"{name}_train.jsonl").write_text("\n".join(json.dumps(r) for r in data))
+    for name in ("qa_conflicts", "qa_rc"):  # validation: the same passages, other questions
+        (folder / f"{name}_validation.jsonl").write_text(json.dumps(
+            {"context": TEXT, "question": "Which river flows north?", "answer": "Quenmar"}))
+    return folder
 
 
 def tiny_llama(folder: Path) -> BaseModel:

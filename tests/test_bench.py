@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from generator.bench import write
+import pytest
+
+from generator.base_model import BaseModel
+from generator.bench import markdown_train, run_train, write
+from generator.pipeline import AdapterPipeline
+from tests.conftest import random_generator, write_data
 
 
 def test_sections_are_replaced_not_appended(tmp_path: Path) -> None:
@@ -18,3 +23,14 @@ def test_sections_are_replaced_not_appended(tmp_path: Path) -> None:
     assert "table A2" in text and "table A1" not in text and "table B1" in text
     assert text.index("table A2") < text.index("table B1")  # kept in place
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": 2}
+
+
+@pytest.mark.slow
+def test_train_benchmark_times_each_window_setting(smollm2: BaseModel, tmp_path: Path) -> None:
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2, window=16))
+    result = run_train(pipeline, write_data(tmp_path / "data"), steps=1, batch_size=2,
+                       windows=((16, 2), (32, 1)))
+    assert [(r["window"], r["windows"]) for r in result["rows"]] == [(16, 2), (32, 1)]
+    assert all(r["update_s"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"])
+    assert "| 16 x 2 |" in markdown_train(result)
+    assert not any(p.grad is not None for p in pipeline.generator.parameters())  # left clean

@@ -3,56 +3,55 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from generator.base_model import BaseModel
-from generator.evaluate import EvalConfig, Evaluator, exact, f1
+from generator.evaluate import (
+    BASELINE_CACHE,
+    EvalConfig,
+    Evaluator,
+    contains,
+    gain_recovered,
+    greedy_ids,
+)
 from generator.pipeline import AdapterPipeline, load_generator, new_generator
-from generator.tasks import chat_ids
-from generator.train import Batch, BatchSampler, Objective, TrainConfig, train
-from tests.conftest import random_generator
-
-TEXT = ("The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
-        "barley and trade it in the market every Thursday. ") * 12
-BROWN = "A Brown corpus sample. " * 50
-
-
-def write_data(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    rows = {
-        "pretrain": [{"text": TEXT, "lang": "en", "source": "wikipedia"},
-                     {"text": "Ein deutscher Text. " * 50, "lang": "de", "source": "wikipedia"},
-                     {"text": BROWN, "lang": "en", "source": "brown"}],
-        "qa_conflicts": [{"context": TEXT, "question": "What do farmers grow?",
-                          "answer": "purple barley", "answers": ["purple barley"]}],
-        "qa_rc": [{"context": TEXT, "question": "When is the market?", "answer": "Thursday",
-                   "answers": ["Thursday"]}],
-        "cls": [{"task": "t", "input": f"sentence {i}", "label": "yes" if i % 2 else "no",
-                 "labels": ["yes", "no"]} for i in range(20)],
-    }
-    for name, data in rows.items():
-        (folder / f"{name}_train.jsonl").write_text("\n".join(json.dumps(r) for r in data))
-    return folder
+from generator.tasks import PHRASINGS, chat_ids
+from generator.train import (
+    IGNORE,
+    Batch,
+    BatchSampler,
+    Objective,
+    TrainConfig,
+    distill_loss,
+    train,
+)
+from tests.conftest import BROWN, TEXT, random_generator, write_data
 
 
 @pytest.mark.slow
 def test_train_checkpoints_and_resumes(smollm2: BaseModel, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
     config = TrainConfig(out_dir=tmp_path / "run", data_dir=data, window=16, windows=3,
-                         pretrain_steps=3, instruct_steps=2, checkpoint_every=2, seed=0)
+                         pretrain_steps=3, instruct_steps=2, checkpoint_every=2, eval_every=5,
+                         eval_examples=1, teacher_max_tokens=4, seed=0)
     pipeline = AdapterPipeline(smollm2, new_generator(smollm2, window=16))
     train(pipeline, TrainConfig(**{**config.__dict__, "stop_at": 2}))
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 2
 
     final = train(AdapterPipeline(smollm2, new_generator(smollm2, window=16)), config)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # resumed at 3, did not start over
+    steps, checks = [r for r in rows if r["kind"] != "validation"], rows[5:]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]  # resumed at 3, did not start over
     assert {r["kind"] for r in rows[:3]} == {"pretrain"}
-    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows)  # finite, positive
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
     assert "completion" in rows[0] and "reconstruction" in rows[0]
+    # validation ran in the loop at step 5, on both QA sets
+    assert [r["step"] for r in checks] == [5]
+    assert {"gain", "other_gain", "qa_rc/in_context/answer_nll"} <= set(checks[0])
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
     trained = load_generator(final)
     assert trained.config.window == 16
@@ -72,11 +71,26 @@ def test_updates_above_the_skip_grad_norm_are_skipped(smollm2: BaseModel, tmp_pa
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_squad_metrics() -> None:
-    assert f1("The purple barley.", "purple barley") == 1.0
-    assert exact("the Purple  barley!", "purple barley") == 1.0
-    assert f1("purple wheat", "purple barley") == pytest.approx(0.5)
-    assert f1("nothing", "purple barley") == 0.0
+def test_a_reply_is_correct_when_it_holds_a_reference_answer() -> None:
+    assert contains("Farmers there grow purple barley.", ["purple barley"]) == 1.0
+    assert contains("The Purple  Barley!", ["wheat", "purple barley"]) == 1.0
+    assert contains("purple barleycorn", ["purple barley"]) == 0.0  # whole words only
+    assert contains("purple wheat", ["purple barley"]) == 0.0
+
+
+def test_gain_recovered_and_its_interval() -> None:
+    closed = [0.0] * 8 + [1.0] * 2
+    gain, low, high = gain_recovered(closed, [1.0] * 6 + [0.0] * 2 + [1.0] * 2)
+    assert gain == pytest.approx(0.75)  # (0.8 - 0.2) / (1 - 0.2)
+    assert low < gain < high
+    assert gain_recovered(closed, closed)[0] == 0.0  # an adapter that adds nothing
+    assert all(math.isnan(x) for x in gain_recovered([1.0] * 4, [1.0] * 4))  # no room to tell
+
+
+def test_distill_loss_is_zero_only_when_the_student_matches() -> None:
+    teacher = torch.randn(5, 11)
+    assert distill_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_loss(torch.randn(5, 11), teacher).item() > 0.01
 
 
 def test_label_scores_with_a_shared_prompt_cache_match_full_sequences(smollm2: BaseModel,
@@ -124,16 +138,44 @@ def test_a_single_window_is_logged_as_reconstruction(tiny_pipeline: AdapterPipel
     assert set(Objective(tiny_pipeline)(instruction)) == {"loss", "instruct"}
 
 
-@pytest.mark.parametrize(("weights", "answers"), [((1, 0, 0), {"purple barley"}),
-                                                  ((0, 1, 0), {"Thursday"}),
-                                                  ((0, 0, 1), {"yes", "no"})])
+@pytest.mark.parametrize(("weights", "source", "answers"),
+                         [((1, 0, 0), "qa_conflicts", {"purple barley"}),
+                          ((0, 1, 0), "qa_rc", {"Thursday"}),
+                          ((0, 0, 1), "cls", {"yes", "no"})])
 def test_instruction_weights_choose_the_sources(smollm2: BaseModel, tmp_path: Path,
-                                                weights: tuple[float, float, float],
+                                                weights: tuple[float, float, float], source: str,
                                                 answers: set[str]) -> None:
     config = TrainConfig(out_dir=tmp_path / "run", data_dir=write_data(tmp_path / "data"),
                          window=16, windows=2, instruct_weights=weights)
     sampler = BatchSampler(AdapterPipeline(smollm2, new_generator(smollm2, window=16)), config, 0)
-    assert {sampler.instruct_example()[2] for _ in range(40)} == answers
+    assert {sampler.source() for _ in range(20)} == {source}
+    assert {sampler.instruct_example(source)[2] for _ in range(40)} == answers
+
+
+def test_distilled_batches_pair_the_teacher_and_the_student(smollm2: BaseModel,
+                                                          tmp_path: Path) -> None:
+    config = TrainConfig(out_dir=tmp_path / "run", data_dir=write_data(tmp_path / "data"),
+                         window=16, max_context_windows=2, batch_size=3, teacher_answers=0.5,
+                         teacher_max_tokens=6, seed=3)
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2, window=16))
+    batch = BatchSampler(pipeline, config, 0).distill("qa_conflicts")
+    assert batch.teacher is not None and batch.teacher_labels is not None
+    assert batch.context.shape[1:] == (2, 16)  # the passage cut to two windows
+    tok = smollm2.tokenizer
+    for i in range(3):
+        student = batch.target[i][batch.target_labels[i] != IGNORE].tolist()
+        teacher = batch.teacher[i][batch.teacher_labels[i] != IGNORE].tolist()
+        assert student == teacher  # the same answer tokens: the dataset's or the teacher's
+        assert student[-1] == tok.eos_token_id or len(student) == 6  # whole, or at the cap
+        # the teacher reads the passage as the adapter does; the student never sees it
+        cut = tok.decode(batch.context[i].flatten()[:16].tolist())
+        assert cut in tok.decode(batch.teacher[i].tolist())
+        assert "Quenmar" not in tok.decode(batch.target[i].tolist())
+    losses = Objective(pipeline)(batch)
+    assert set(losses) == {"loss", "distill"} and losses["loss"].item() > 0
+    losses["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in pipeline.generator.parameters())
 
 
 def test_pretrain_texts_choose_the_sources(smollm2: BaseModel, tmp_path: Path) -> None:
@@ -149,8 +191,20 @@ def test_pretrain_texts_choose_the_sources(smollm2: BaseModel, tmp_path: Path) -
     assert texts(pretrain_texts=("wikipedia",)) == [TEXT]
 
 
-def test_qa_scores_answers_and_their_likelihood_per_condition(smollm2: BaseModel,
-                                                             tmp_path: Path) -> None:
+def test_batched_greedy_with_an_adapter_per_prompt_matches_each_alone(smollm2: BaseModel
+                                                                       ) -> None:
+    pipeline = AdapterPipeline(smollm2, random_generator(smollm2, std=0.5, window=16))
+    prompts = [chat_ids(smollm2.tokenizer, q) for q in ("Where does the river flow?", "Hi")]
+    adapters = [pipeline.adapt(TEXT).factors, pipeline.adapt(BROWN).factors]
+    batched = greedy_ids(pipeline, prompts, adapters, max_new_tokens=6, batch_size=2)
+    alone = [greedy_ids(pipeline, [p], [a], 6, 1)[0] for p, a in zip(prompts, adapters,
+                                                                      strict=True)]
+    assert batched == alone
+    assert batched != greedy_ids(pipeline, prompts, None, 6, 2)  # the adapters changed replies
+
+
+def test_qa_scores_answerable_questions_per_phrasing(smollm2: BaseModel, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"
     data.mkdir()
     rows = [{"context": TEXT, "question": "What do farmers grow?", "answer": "purple barley"},
@@ -158,12 +212,28 @@ def test_qa_scores_answers_and_their_likelihood_per_condition(smollm2: BaseModel
              "answer": "Monday", "answers": ["Monday", "every Monday"]}]
     (data / "qa_rc_test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     pipeline = AdapterPipeline(smollm2, random_generator(smollm2, std=0.5, window=16))
-    config = EvalConfig(out_dir=tmp_path, data_dir=data, max_new_tokens=4)
+    config = EvalConfig(out_dir=tmp_path, data_dir=data, max_new_tokens=8)
     result = Evaluator(pipeline, config).qa("qa_rc")
     assert result["examples"] == 2
-    for cond in ("closed_book", "in_context", "adapter"):
-        assert 0 <= result[f"{cond}/f1"] <= 100 and 0 <= result[f"{cond}/em"] <= 100
-    assert "other_adapter/f1" not in result  # another passage's adapter is scored by NLL only
+    # SmolLM2 reads an answer from the passage in its prompt under every phrasing
+    answerable = [result[f"{p}/answerable"] for p in PHRASINGS]
+    assert all(n >= 1 for n in answerable)
+    assert result["all/questions"] == sum(answerable)
+    for group in (*PHRASINGS, "all"):
+        assert {f"{group}/{c}/acc" for c in ("closed_book", "adapter", "other_adapter")} | {
+            f"{group}/adapter/gain", f"{group}/adapter/gain_low"} <= set(result)
     # The passage names the answer: in the prompt it is far likelier than without it.
-    assert result["in_context/answer_nll"] < result["closed_book/answer_nll"] - 1
+    assert result["in_context/answer_nll"] < result["closed_book/answer_nll"]
     assert result["adapter/answer_nll"] != result["other_adapter/answer_nll"]
+
+    # The base model's own replies are cached: a second evaluation generates only with adapters.
+    assert (data / BASELINE_CACHE).is_file()
+    evaluator = Evaluator(pipeline, config)
+    real = evaluator.greedy
+
+    def adapters_only(prompts: list[list[int]], factors: object) -> list[str]:
+        assert factors is not None, "a base-model reply was generated again"
+        return real(prompts, factors)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(evaluator, "greedy", adapters_only)
+    assert evaluator.qa("qa_rc") == result
