@@ -30,6 +30,7 @@ from generator.model import LoRAFactors
 from generator.pipeline import AdapterPipeline
 from generator.tasks import (
     PHRASINGS,
+    answer_ids,
     by_task,
     chat_ids,
     cls_prompt,
@@ -114,10 +115,6 @@ class Evaluator:
                          self.config.batch_size)
         return [r.strip() for r in self.tok.batch_decode(ids, skip_special_tokens=True)]
 
-    def answer_ids(self, answer: str) -> list[int]:
-        """Token ids of `answer` as the assistant's whole reply."""
-        return self.tok(answer + self.tok.eos_token, add_special_tokens=False)["input_ids"]
-
     def qa_rows(self, name: str, split: str = "test", examples: int | None = None) -> list[dict]:
         """A seeded sample of a QA split (questions whose answer normalizes to nothing dropped)."""
         rows = [r for r in load_split(self.config.data_dir, name, split)
@@ -184,7 +181,7 @@ class Evaluator:
                                   ("adapter", question, adapter(i)),
                                   ("other_adapter", question, adapter((i + 1) % len(rows)))):
                 prompt = chat_ids(self.tok, user)
-                ids = prompt + self.answer_ids(rows[i]["answer"])
+                ids = prompt + answer_ids(self.tok, rows[i]["answer"])
                 _add_nll(nlls, cond, *self.nll(ids, len(prompt) - 1, f))
         for cond, (total, count) in nlls.items():
             out[f"{cond}/answer_nll"] = total / count
@@ -193,15 +190,14 @@ class Evaluator:
     def cached_greedy(self, prompts: list[list[int]]) -> list[str]:
         """Greedy replies of the base model alone: they do not depend on the generator, so they
         are kept in `baseline_cache` and computed once per base model and prompt."""
-        key = [hashlib.sha256(f"{self.pipeline.base.name}\0{self.config.max_new_tokens}\0{p}"
-                              .encode()).hexdigest()[:24] for p in prompts]
-        cache = self.baseline_cache
-        todo = [p for k, p in zip(key, prompts, strict=True) if k not in cache]
-        todo_keys = [k for k in key if k not in cache]
+        keys = [hashlib.sha256(f"{self.pipeline.base.name}\0{self.config.max_new_tokens}\0{p}"
+                               .encode()).hexdigest()[:24] for p in prompts]
+        todo = {k: p for k, p in zip(keys, prompts, strict=True) if k not in self.baseline_cache}
         if todo:
-            cache.update(zip(todo_keys, self.greedy(todo, None), strict=True))
+            replies = self.greedy(list(todo.values()), None)
+            self.baseline_cache.update(zip(todo, replies, strict=True))
             self.save_baseline_cache()
-        return [cache[k] for k in key]
+        return [self.baseline_cache[k] for k in keys]
 
     @torch.no_grad()
     def label_nll(self, user: str, labels: list[str], factors: LoRAFactors | None
@@ -215,7 +211,7 @@ class Evaluator:
         with applied(self.pipeline.lora_layers, factors):
             first = self.model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
             for label in labels:
-                answer = self.answer_ids(label)
+                answer = answer_ids(self.tok, label)
                 cache = copy.deepcopy(first.past_key_values)
                 rest = self.model(torch.tensor([answer]), past_key_values=cache).logits
                 logits = torch.cat([first.logits[0], rest[0, :-1]])

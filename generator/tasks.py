@@ -50,6 +50,11 @@ def sample_demos(pool: dict[str, list[dict]], task: str, k: int, rng: random.Ran
     return rng.sample(candidates, min(k, len(candidates)))
 
 
+def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
+    """Token ids of `answer` as the assistant's whole reply (it ends the turn)."""
+    return tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+
+
 def chat_ids(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
     """Token ids of a one-turn chat, ready for the assistant's answer."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=True,

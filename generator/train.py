@@ -28,6 +28,7 @@ from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator
 from generator.tasks import (
     PHRASINGS,
+    answer_ids,
     by_task,
     chat_ids,
     cls_prompt,
@@ -211,10 +212,6 @@ class BatchSampler:
         ids = self.pipeline.base.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[:c.window * c.max_context_windows]
 
-    def answer_ids(self, answer: str) -> list[int]:
-        tok = self.pipeline.base.tokenizer
-        return tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
-
     def instruct(self) -> Batch:
         source = self.source()
         if source in self.qa and self.config.qa_objective == "distill":
@@ -224,7 +221,7 @@ class BatchSampler:
             context, prompt, answer = self.instruct_example(source)
             contexts.append(self.context_ids(context))
             prompts.append(chat_ids(self.pipeline.base.tokenizer, prompt))
-            answers.append(self.answer_ids(answer))
+            answers.append(answer_ids(self.pipeline.base.tokenizer, answer))
         return self.collate(contexts, *_with_answers(prompts, answers))
 
     def distill(self, source: str) -> Batch:
@@ -239,7 +236,7 @@ class BatchSampler:
             passage = tok.decode(ids)
             students.append(chat_ids(tok, qa_prompt(row["question"], None, phrasing)))
             teachers.append(chat_ids(tok, qa_prompt(row["question"], passage, phrasing)))
-            answers.append(self.answer_ids(row["answer"]))
+            answers.append(answer_ids(tok, row["answer"]))
         own = [i for i in range(c.batch_size) if self.rng.random() < c.teacher_answers]
         if own:
             replies = greedy_ids(self.pipeline, [teachers[i] for i in own], None,
@@ -258,7 +255,8 @@ class BatchSampler:
 
     def collate(self, contexts: list[list[int]], targets: list[list[int]],
                 labels: list[list[int]]) -> Batch:
-        """Contexts padded to whole windows (b, n, W) with their mask; targets padded (b, T)."""
+        """Contexts in windows (b, n, W) with their mask, padded to whole windows (to the
+        longest context when it fits one window); targets padded (b, T)."""
         longest = max(map(len, contexts))
         n = math.ceil(longest / self.config.window)
         w = self.config.window if n > 1 else longest  # one window: no padding past the longest
