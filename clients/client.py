@@ -1,8 +1,8 @@
 """A small typed client: the server's own protocol models, over httpx.
 
-    client = GenerativeAdapterClient("http://127.0.0.1:8000")
-    adapter = client.adapt(context=open("doc.txt").read())
-    print(client.generate(adapter.adapter_id, "What is the capital?").text)
+client = GenerativeAdapterClient("http://127.0.0.1:8000")
+adapter = client.adapt(context=open("doc.txt").read())
+print(client.generate(adapter.adapter_id, "What is the capital?").text)
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ class GenerativeAdapterClient:
     ) -> ChatCompletionResponse:
         """OpenAI chat completion; `model` is an adapter id or the base model's name."""
         request = ChatCompletionRequest(
-            model=model, messages=[ChatMessage(**m) for m in messages], **sampling  # type: ignore[arg-type]
+            model=model,
+            messages=[ChatMessage(**m) for m in messages],
+            **sampling,  # type: ignore[arg-type]
         )
         return self._call("POST", "/v1/chat/completions", ChatCompletionResponse, request)
 

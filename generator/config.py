@@ -11,8 +11,6 @@ from typing import Literal
 
 from torch import nn
 
-# vLLM's max_lora_rank accepts only these values.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
 
@@ -23,8 +21,9 @@ Normalization = Literal["svd", "frobenius"]
 class GeneratorConfig:
     """Everything needed to rebuild a generator; saved next to its weights.
 
-    Names follow DESIGN.md section 2: inner_size is d_r, rank is r, alpha scales by alpha / d_r,
-    window is W. `modules` maps each target module name to its (in_features, out_features).
+    Names follow the paper (docs/design.md): inner_size is d_r, rank is r, alpha scales by
+    alpha / d_r, window is W. `modules` maps each target module name to its (in_features,
+    out_features).
     """
 
     base_model: str
@@ -43,10 +42,6 @@ class GeneratorConfig:
     def __post_init__(self) -> None:
         if self.rank > self.inner_size:
             raise ValueError(f"rank {self.rank} exceeds inner_size {self.inner_size}: lower rank")
-        if self.normalization == "svd" and self.rank not in VLLM_LORA_RANKS:
-            raise ValueError(
-                f"rank {self.rank} is not served by vLLM; use one of {VLLM_LORA_RANKS}"
-            )
         if self.normalization not in ("svd", "frobenius"):
             raise ValueError(
                 f"normalization must be 'svd' or 'frobenius', not {self.normalization!r}"

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -24,66 +25,69 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-class LoRALinear(nn.Module):
-    """Wraps a base nn.Linear; adds x A^T B^T with per-sample factors when an adapter is set."""
+# The factors of the current forward call, per thread and per asyncio task: the layers hold no
+# adapter, so concurrent calls with different adapters share one base model safely.
+_FACTORS: ContextVar[LoRAFactors | None] = ContextVar("generated_lora_factors", default=None)
 
-    def __init__(self, base_layer: nn.Linear) -> None:
+
+class LoRALinear(nn.Module):
+    """Wraps a base nn.Linear; adds x A^T B^T with the factors `applied` to the current call
+    (per-sample when they have a batch dimension)."""
+
+    def __init__(self, base_layer: nn.Linear, name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora: tuple[Tensor, Tensor] | None = None  # A (b, r, d_in), B (b, d_out, r)
+        self.name = name  # key of this layer in the factors
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
-        if self.lora is None:
+        factors = _FACTORS.get()
+        if factors is None:
             return y
-        a, b = self.lora
+        a, b = factors[self.name]  # A (b, r, d_in), B (b, d_out, r)
         a, b = a.to(x.dtype), b.to(x.dtype)
         if a.dim() == 2:  # one adapter for the whole batch
             return y + (x @ a.T) @ b.T
         return y + torch.einsum("bnr,bor->bno", torch.einsum("bnd,brd->bnr", x, a), b)
 
 
-def attach_lora_layers(model: nn.Module, names: list[str]) -> dict[str, LoRALinear]:
+def attach_lora_layers(model: nn.Module, names: list[str]) -> None:
     """Replace each named nn.Linear of `model` with a LoRALinear around it (idempotent)."""
-    layers: dict[str, LoRALinear] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        module = getattr(parent, child)
-        if not isinstance(module, LoRALinear):
-            module = LoRALinear(module)
-            setattr(parent, child, module)
-        layers[name] = module
-    return layers
+        if not isinstance(getattr(parent, child), LoRALinear):
+            setattr(parent, child, LoRALinear(getattr(parent, child), name))
 
 
 @contextlib.contextmanager
-def applied(layers: dict[str, LoRALinear], factors: LoRAFactors | None) -> Iterator[None]:
-    """Run the base model with `factors` applied; the model is clean again afterwards."""
-    for name, layer in layers.items():
-        layer.lora = None if factors is None else factors[name]
+def applied(factors: LoRAFactors | None) -> Iterator[None]:
+    """Forward calls inside run with `factors` (module name -> A, B); None: the base model."""
+    token = _FACTORS.set(factors)
     try:
         yield
     finally:
-        for layer in layers.values():
-            layer.lora = None
+        _FACTORS.reset(token)
 
 
-def peft_config(config: GeneratorConfig, base_model_path: str) -> dict[str, object]:
-    """PEFT LoRA config; the alpha/d_r scaling is folded into lora_B, so lora_alpha = r."""
+def peft_config(config: GeneratorConfig, base_model_path: str) -> str:
+    """adapter_config.json; the alpha/d_r scaling is folded into lora_B, so lora_alpha = r."""
     r = config.lora_rank
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": r,
-        "lora_alpha": r,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "target_modules": sorted(config.modules),
-        "base_model_name_or_path": base_model_path,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
+    return json.dumps(
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": r,
+            "lora_alpha": r,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "target_modules": sorted(config.modules),
+            "base_model_name_or_path": base_model_path,
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+        },
+        indent=2,
+    )
 
 
 def peft_tensors(factors: LoRAFactors) -> dict[str, Tensor]:
@@ -100,14 +104,14 @@ def peft_bytes(factors: LoRAFactors) -> bytes:
     return save(peft_tensors(factors))
 
 
-def write_peft_folder(folder: Path, weights: bytes, config: dict[str, object]) -> Path:
+def write_peft_folder(folder: Path, weights: bytes, config: str) -> Path:
     """Write a PEFT adapter folder atomically: a crash leaves either nothing or the whole folder."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         (tmp / PEFT_WEIGHTS_FILE).write_bytes(weights)
-        (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (tmp / PEFT_CONFIG_FILE).write_text(config)
         if folder.exists():
             _remove_folder(folder)
         os.replace(tmp, folder)

@@ -1,6 +1,6 @@
 """The adapter generator (hypernetwork): hidden states of a context -> a low-rank adapter.
 
-Math as in DESIGN.md section 2, per decoder layer and target module:
+The paper's math (docs/design.md), per decoder layer and target module:
     Hn = RMSNorm(H)                 H: (b, n, d) input of the decoder layer, padding rows zeroed
     S  = (Hn A2^T)^T (Hn A3^T)      (b, d_r, d_r), summed over tokens and over windows
     S ~ U diag(s) V^T               rank r, singular values dropped (directions past the
@@ -79,8 +79,9 @@ def _svd_factors(s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return torch.stack(us), torch.stack(vs)
 
 
-def _seeded_svd_lowrank(matrix: Tensor, q: int, devices: list[torch.device]
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+def _seeded_svd_lowrank(
+    matrix: Tensor, q: int, devices: list[torch.device]
+) -> tuple[Tensor, Tensor, Tensor]:
     """torch.svd_lowrank under SVD_SEED."""
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(SVD_SEED)

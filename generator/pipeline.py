@@ -92,7 +92,7 @@ def adapter_id(fingerprint: str, context: str, parent: str | None = None) -> str
 
 
 def state_from_bytes(data: bytes) -> tuple[State, int]:
-    """Inverse of Adapter.state_bytes."""
+    """Inverse of Adapter.state_bytes: the raw S and the token count."""
     state = load(data)
     return state, int(state.pop(TOKENS_KEY).item())
 
@@ -105,7 +105,7 @@ class AdapterPipeline:
         self.base = base
         self.generator = generator
         self.config = generator.config
-        self.lora_layers = attach_lora_layers(base.model, self.config.module_names())
+        attach_lora_layers(base.model, self.config.module_names())
         self.fingerprint = fingerprint(generator, base.name)
 
     def tokenize(self, text: str) -> list[int]:
@@ -116,36 +116,37 @@ class AdapterPipeline:
     ) -> tuple[State, Tensor]:
         """S of one window (b, W), read by the base model with `factors` applied, and its logits
         (all positions when `logits`, else only the last: the lm_head is costly)."""
-        with applied(self.lora_layers, factors):
-            out = self.base.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
-                                  logits_to_keep=0 if logits else 1)
+        with applied(factors):
+            out = self.base.model(
+                input_ids=ids,
+                attention_mask=mask,
+                output_hidden_states=True,
+                logits_to_keep=0 if logits else 1,
+            )
         # hidden_states[l] is the input of decoder layer l; the last entry is the final norm.
         return self.generator.state(out.hidden_states[:-1], mask), out.logits
 
     @torch.no_grad()
-    def adapt_ids(self, ids: list[int], parent: Adapter | None = None) -> Adapter:
-        """Read `ids` window by window, each with the adapter of everything before it applied."""
+    def adapt_ids(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Adapter:
+        """Read `ids` window by window, each with the adapter of everything before it applied.
+
+        `state` and `tokens` continue an adapter (its raw S and token count): extending reads
+        only the new tokens, and only the final S is turned into LoRA factors.
+        """
         if not ids:
             raise EmptyContextError("context is empty: it has no tokens to adapt to")
-        state = None if parent is None else parent.state
         w = self.config.window
         for start in range(0, len(ids), w):
             window = torch.tensor([ids[start : start + w]], device=self.base.model.device)
             factors = None if state is None else self.generator.lora(state)
             state = add_states(state, self.read_window(window, None, factors)[0])
         assert state is not None
-        tokens = len(ids) + (parent.tokens if parent else 0)
-        return Adapter(state=state, tokens=tokens, factors=self.generator.lora(state))
+        return Adapter(state=state, tokens=tokens + len(ids), factors=self.generator.lora(state))
 
-    def adapt(self, text: str, parent: Adapter | None = None) -> Adapter:
-        return self.adapt_ids(self.tokenize(text), parent)
+    def adapt(self, text: str) -> Adapter:
+        return self.adapt_ids(self.tokenize(text))
 
-    @torch.no_grad()
-    def restore(self, state: State, tokens: int) -> Adapter:
-        """Rebuild an adapter from its stored raw state (to extend it)."""
-        return Adapter(state=state, tokens=tokens, factors=self.generator.lora(state))
-
-    def peft_config(self) -> dict[str, object]:
+    def peft_config(self) -> str:
         return peft_config(self.config, str(self.base.path))
 
 

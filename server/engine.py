@@ -2,7 +2,8 @@
 
 vLLM 0.3x loads a LoRA only from a PEFT folder, so each adapter is written once per process
 under a RAM-backed folder (`shm_dir/<pid>/<adapter id>/`) and named in a `LoRARequest` with its
-own name, path and a stable integer id derived from the adapter id (DESIGN.md section 3).
+own name, path and a stable integer id derived from the adapter id: vLLM's prefix cache keys
+include the LoRA's name and path, so two adapters must never share them.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from generator.config import VLLM_LORA_RANKS
-from generator.lora import write_peft_folder
+from generator.maker import AdapterMaker, MadeAdapter
 from server.errors import EngineUnavailable, InvalidAdapterId
 from server.protocol import ADAPTER_ID_PATTERN
 from server.settings import Settings
 
-if TYPE_CHECKING:
-    from generator.pipeline import AdapterPipeline
-
 log = logging.getLogger(__name__)
 
 MAX_LORA_INT_ID = 2**31 - 1
+# vLLM's max_lora_rank accepts only these values; an adapter's rank may be any up to it.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 _ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
 
 
@@ -112,9 +111,8 @@ class LoRAFolders:
         self._loras.move_to_end(adapter_id)
         return lora
 
-    def add(self, adapter_id: str, peft: bytes, config: dict[str, object]) -> LoRA:
-        path = self.root / check_adapter_id(adapter_id)
-        write_peft_folder(path, peft, config)
+    def add(self, adapter_id: str, adapter: MadeAdapter) -> LoRA:
+        path = adapter.write(self.root / check_adapter_id(adapter_id))
         lora = self._loras.get(adapter_id) or LoRA(adapter_id, self._int_id(adapter_id), path)
         self._loras[adapter_id] = lora
         self._loras.move_to_end(adapter_id)
@@ -144,21 +142,20 @@ class LoRAFolders:
 class VllmEngine:
     """vLLM's AsyncLLM with LoRA enabled; starts an engine-core and a worker process."""
 
-    def __init__(self, settings: Settings, pipeline: AdapterPipeline) -> None:
-        from server.vllm_env import apply_vllm_env
+    def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
+        from server.vllm_env import apply_vllm_env, engine_dtype
 
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{settings.kv_cache_gib:g}"
-        apply_vllm_env()
+        apply_vllm_env(settings.kv_cache_gib)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=str(pipeline.base.path),
+            model=str(maker.base_model_path),
             enable_lora=True,
-            max_lora_rank=vllm_rank(pipeline.config.lora_rank),
+            max_lora_rank=vllm_rank(maker.lora_rank),
             max_loras=settings.max_loras,
             max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
-            dtype=settings.dtype,
+            dtype=engine_dtype(settings.dtype),
             max_model_len=settings.max_model_len,
             seed=0,
         )

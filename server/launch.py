@@ -33,7 +33,7 @@ def running_server(
 ) -> Iterator[str]:
     """Start `genadapter serve <args>` on a free port; yield its URL once /health is ready."""
     port = free_port()
-    cmd = [sys.executable, "-m", "generator.cli", "serve", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "genadapter.cli", "serve", "--port", str(port), *args]
     with open(log_file, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

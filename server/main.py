@@ -1,6 +1,6 @@
-"""The FastAPI app: `create_app(settings)` wires the pipeline, the store and the engine.
+"""The FastAPI app: `create_app(settings)` wires the adapter maker, the store and the engine.
 
-Tests pass a small pipeline, a store and a fake engine factory; `genadapter serve` passes none
+Tests pass a small adapter maker, a store and a fake engine factory; `genadapter serve` passes none
 and gets the real ones (vLLM starts in the lifespan, in about a minute on a CPU).
 """
 
@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from generator.pipeline import AdapterPipeline, load_pipeline
+from generator.maker import AdapterMaker, load_maker
 from server.engine import Engine, LoRAFolders, VllmEngine
 from server.errors import install_error_handlers
 from server.routers import adapters, generate, health, openai
@@ -23,13 +23,13 @@ from server.store import AdapterStore, open_store
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings, AdapterPipeline], Engine]
+EngineFactory = Callable[[Settings, AdapterMaker], Engine]
 
 
 def create_app(
     settings: Settings | None = None,
     *,
-    pipeline: AdapterPipeline | None = None,
+    maker: AdapterMaker | None = None,
     store: AdapterStore | None = None,
     engine_factory: EngineFactory = VllmEngine,
 ) -> FastAPI:
@@ -38,15 +38,15 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pipe = pipeline or await asyncio.to_thread(
-            load_pipeline, settings.base_model, settings.generator
+        adapter_maker = maker or await asyncio.to_thread(
+            load_maker, settings.base_model, settings.generator
         )
         adapter_store = store or open_store(settings)
-        log.info("starting the engine for %s", pipe.base.path)
-        engine = engine_factory(settings, pipe)
+        log.info("starting the engine for %s", adapter_maker.base_model_path)
+        engine = engine_factory(settings, adapter_maker)
         folders = LoRAFolders(settings.shm_dir, capacity=2 * settings.max_cpu_loras)
         app.state.settings = settings
-        app.state.adapters = AdapterService(pipe, adapter_store, settings)
+        app.state.adapters = AdapterService(adapter_maker, adapter_store, settings)
         app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
         log.info("ready: base model %r", app.state.adapters.base_name)
         try:

@@ -11,14 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NoReturn
 
-from generator.model import State
-from generator.pipeline import (
-    Adapter,
-    AdapterPipeline,
-    EmptyContextError,
-    adapter_id,
-    state_from_bytes,
-)
+from generator.maker import AdapterMaker, EmptyContextError, MadeAdapter
 from server import metrics
 from server.engine import Delta, Engine, LoRA, LoRAFolders, SamplingOptions, check_adapter_id
 from server.errors import (
@@ -47,13 +40,13 @@ from server.store import AdapterStore, StoredAdapter
 class AdapterService:
     """Context -> adapter, cached by content address; one generator run per new context."""
 
-    def __init__(self, pipeline: AdapterPipeline, store: AdapterStore, settings: Settings) -> None:
-        self.pipeline = pipeline
+    def __init__(self, maker: AdapterMaker, store: AdapterStore, settings: Settings) -> None:
+        self.maker = maker
         self.store = store
         self.settings = settings
-        self.base_name = settings.served_model_name or pipeline.base.name
-        # The pipeline patches shared LoRA layers while it runs: one adapt at a time.
-        self._generator_lock = asyncio.Lock()
+        self.base_name = settings.served_model_name or maker.base_model
+        # One generator run at a time: each already uses every core, and memory stays bounded.
+        self._generator_slot = asyncio.Semaphore(1)
 
     def context_text(self, request: AdaptRequest) -> str:
         """One canonical string per input, so equal inputs hash to equal ids."""
@@ -61,7 +54,7 @@ class AdapterService:
             if not request.messages:
                 return ""
             messages = [m.model_dump() for m in request.messages]
-            return self.pipeline.base.tokenizer.apply_chat_template(messages, tokenize=False)
+            return self.maker.chat_text(messages, add_generation_prompt=False)
         if request.documents is not None:
             return "\n\n".join(request.documents)
         return request.context or ""
@@ -70,7 +63,7 @@ class AdapterService:
         """The adapter of this context (extending `parent` if given), from cache or generated."""
         start = time.perf_counter()
         text = self.context_text(request)
-        ids = await asyncio.to_thread(self.pipeline.tokenize, text) if text.strip() else []
+        ids = await asyncio.to_thread(self.maker.tokenize, text) if text.strip() else []
         if not ids:
             raise EmptyContext("context is empty: it has no tokens to adapt to", param="context")
         limit = self.settings.max_context_tokens
@@ -81,7 +74,7 @@ class AdapterService:
                 param="context",
             )
         parent = None if request.parent is None else check_adapter_id(request.parent)
-        aid = adapter_id(self.pipeline.fingerprint, text, parent)
+        aid = self.maker.adapter_id(text, parent)
         stored, created = await self.store.get_or_create(
             aid, lambda: self._create(aid, ids, parent)
         )
@@ -107,11 +100,11 @@ class AdapterService:
             if stored is None:
                 raise AdapterNotFound(f"parent adapter {parent_id} not found", param="parent")
             self.check_compatible(stored.info, extend=True)
-            parent_state = state_from_bytes(stored.state)
+            parent_state = stored.adapter.state
         metrics.ADAPT_QUEUE.inc()
         try:
-            async with self._generator_lock:
-                adapter = await asyncio.to_thread(self._run_generator, ids, parent_state)
+            async with self._generator_slot:
+                adapter = await asyncio.to_thread(self._make, ids, parent_state)
         finally:
             metrics.ADAPT_QUEUE.dec()
         info = AdapterInfo(
@@ -119,25 +112,24 @@ class AdapterService:
             created_at=now(),
             tokens=adapter.tokens,
             base_model=self.base_name,
-            fingerprint=self.pipeline.fingerprint,
-            lora_rank=self.pipeline.config.lora_rank,
+            fingerprint=self.maker.fingerprint,
+            lora_rank=self.maker.lora_rank,
             parent=parent_id,
         )
-        return StoredAdapter(info, adapter.peft_bytes(), adapter.state_bytes())
+        return StoredAdapter(info, adapter)
 
-    def _run_generator(self, ids: list[int], parent_state: tuple[State, int] | None) -> Adapter:
-        parent = None if parent_state is None else self.pipeline.restore(*parent_state)
+    def _make(self, ids: list[int], parent_state: bytes | None) -> MadeAdapter:
         try:
-            return self.pipeline.adapt_ids(ids, parent)
+            return self.maker.make(ids, parent_state)
         except EmptyContextError as e:
             raise EmptyContext(str(e), param="context") from e
 
     def check_compatible(self, info: AdapterInfo, extend: bool = False) -> None:
         """A stored adapter made for another base model or rank (or, to extend it, another
         generator) cannot be used here: say which, instead of failing inside vLLM."""
-        want = {"base_model": self.base_name, "lora_rank": self.pipeline.config.lora_rank}
+        want = {"base_model": self.base_name, "lora_rank": self.maker.lora_rank}
         if extend:
-            want["fingerprint"] = self.pipeline.fingerprint
+            want["fingerprint"] = self.maker.fingerprint
         for field, value in want.items():
             if getattr(info, field) != value:
                 raise AdapterMismatch(
@@ -175,7 +167,7 @@ class GenerationService:
         self, adapters: AdapterService, engine: Engine, folders: LoRAFolders, settings: Settings
     ) -> None:
         self.adapters = adapters
-        self.pipeline = adapters.pipeline
+        self.maker = adapters.maker
         self.store = adapters.store
         self.engine = engine
         self.folders = folders
@@ -212,13 +204,11 @@ class GenerationService:
             stored = await self.store.get(aid)
             if stored is None:
                 raise AdapterNotFound(f"adapter {aid} not found (expired just now)")
-            return self.folders.add(aid, stored.peft, self.pipeline.peft_config())
+            return self.folders.add(aid, stored.adapter)
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        text = self.pipeline.base.tokenizer.apply_chat_template(
-            [m.model_dump() for m in messages], tokenize=False, add_generation_prompt=True
-        )
-        return self.pipeline.tokenize(text)
+        text = self.maker.chat_text([m.model_dump() for m in messages], add_generation_prompt=True)
+        return self.maker.tokenize(text)
 
     def user_prompt(self, prompt: str) -> list[int]:
         return self.chat_prompt([ChatMessage(role="user", content=prompt)])

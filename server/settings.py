@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("genadapter", description="prefix of this server's Redis keys")
     adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")
     memory_store_bytes: int = Field(2 << 30, gt=0, description="in-process store LRU budget")
-    lock_timeout_s: float = Field(300, gt=0, description="longest one adapt may hold its lock")
+    lock_timeout_s: float = Field(
+        30, gt=0, description="how long the adapt lock of a server that died blocks others"
+    )
 
     max_context_tokens: int = Field(32768, gt=0, description="longer contexts get 413")
     default_max_tokens: int = Field(256, gt=0, description="when a request sets none")
@@ -32,6 +34,7 @@ class Settings(BaseSettings):
     max_loras: int = Field(4, gt=0, description="distinct adapters in one batch")
     max_cpu_loras: int = Field(32, gt=0, description="adapters kept loaded by vLLM")
     max_model_len: int = Field(2048, gt=0, description="prompt + output tokens")
-    kv_cache_gib: float = Field(2, gt=0, description="vLLM KV cache (CPU)")
-    # CPUs here have no bf16 matrix units (DESIGN.md 3)
-    dtype: str = Field("float32", description="engine dtype")
+    kv_cache_gib: float = Field(
+        2, gt=0, description="vLLM's KV cache on a CPU (a GPU sizes its own)"
+    )
+    dtype: str = Field("auto", description="engine dtype; auto: bfloat16 on a GPU, else float32")

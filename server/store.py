@@ -1,6 +1,6 @@
 """Where adapters live between requests: Redis (shared by server processes) or process memory.
 
-An entry is three values: the PEFT safetensors bytes (what vLLM loads), the raw generator state
+An entry is four values: the PEFT weights and config (what vLLM loads), the raw generator state
 (what extending needs) and the metadata. All are written together after the generator succeeded,
 read together, and an entry missing any of them reads as missing (Redis may evict one key under
 `maxmemory-policy allkeys-lru`). TTLs slide: every read extends them.
@@ -10,35 +10,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import LockError, RedisError
 
+from generator.maker import MadeAdapter
 from server.errors import StoreUnavailable
 from server.protocol import AdapterInfo
 from server.settings import Settings
 
-PARTS = ("peft", "state", "meta")
+PARTS = ("peft", "config", "state", "meta")
 
 
 @dataclass(frozen=True)
 class StoredAdapter:
     info: AdapterInfo
-    peft: bytes  # adapter_model.safetensors
-    state: bytes  # Adapter.state_bytes(): raw S and token count, to extend
+    adapter: MadeAdapter
 
     @property
     def nbytes(self) -> int:
-        return len(self.peft) + len(self.state) + len(self.info.model_dump_json())
+        a = self.adapter
+        return len(a.peft) + len(a.peft_config) + len(a.state) + len(self.info.model_dump_json())
+
+
+class Listed(NamedTuple):
+    """What the model list shows of an adapter."""
+
+    id: str
+    created_at: int
 
 
 Factory = Callable[[], Awaitable[StoredAdapter]]
@@ -63,7 +72,8 @@ class AdapterStore(ABC):
         """True if something was deleted."""
 
     @abstractmethod
-    async def list(self) -> list[AdapterInfo]: ...
+    async def list(self) -> list[Listed]:
+        """Every live adapter, oldest first."""
 
     @abstractmethod
     def lock(self, adapter_id: str) -> contextlib.AbstractAsyncContextManager[None]:
@@ -100,13 +110,10 @@ class MemoryStore(AdapterStore):
         self.ttl_s = ttl_s
         self.nbytes = 0
         self._entries: OrderedDict[str, tuple[StoredAdapter, float]] = OrderedDict()
-        self._mutex = threading.Lock()  # the dict is also read from worker threads
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _live(self, adapter_id: str) -> StoredAdapter | None:
-        """Under the mutex: the entry if present and not expired; slides its TTL."""
+        """The entry if present and not expired; slides its TTL."""
         item = self._entries.get(adapter_id)
         if item is None:
             return None
@@ -126,29 +133,26 @@ class MemoryStore(AdapterStore):
         return item is not None
 
     async def get(self, adapter_id: str) -> StoredAdapter | None:
-        with self._mutex:
-            return self._live(adapter_id)
+        return self._live(adapter_id)
 
     async def touch(self, adapter_id: str) -> AdapterInfo | None:
         adapter = await self.get(adapter_id)
         return None if adapter is None else adapter.info
 
     async def put(self, adapter: StoredAdapter) -> None:
-        with self._mutex:
-            self._drop(adapter.info.id)
-            self._entries[adapter.info.id] = (adapter, time.monotonic() + self.ttl_s)
-            self.nbytes += adapter.nbytes
-            while self.nbytes > self.budget_bytes and len(self._entries) > 1:
-                self._drop(next(iter(self._entries)))
+        self._drop(adapter.info.id)
+        self._entries[adapter.info.id] = (adapter, time.monotonic() + self.ttl_s)
+        self.nbytes += adapter.nbytes
+        while self.nbytes > self.budget_bytes and len(self._entries) > 1:
+            self._drop(next(iter(self._entries)))
 
     async def delete(self, adapter_id: str) -> bool:
-        with self._mutex:
-            return self._drop(adapter_id)
+        return self._drop(adapter_id)
 
-    async def list(self) -> list[AdapterInfo]:
+    async def list(self) -> list[Listed]:
         now = time.monotonic()
-        with self._mutex:
-            return [a.info for a, expires in self._entries.values() if expires > now]
+        live = [a.info for a, expires in self._entries.values() if expires > now]
+        return sorted((Listed(i.id, i.created_at) for i in live), key=lambda x: x.created_at)
 
     @contextlib.asynccontextmanager
     async def lock(self, adapter_id: str) -> AsyncIterator[None]:
@@ -163,15 +167,20 @@ class MemoryStore(AdapterStore):
 
 
 class RedisStore(AdapterStore):
-    """Redis store shared by server processes; binary values, sliding TTL, a lock per new id."""
+    """Redis store shared by server processes; binary values, sliding TTL, a lock per new id.
+
+    Two sorted sets index the entries, so listing never scans the keyspace: `expiry` (score: when
+    the entry's TTL lapses, slid with it) and `created` (score: creation time).
+    """
 
     def __init__(
-        self, url: str, ttl_s: float, prefix: str = "genadapter", lock_timeout_s: float = 300
+        self, url: str, ttl_s: float, prefix: str = "genadapter", lock_timeout_s: float = 30
     ) -> None:
         self.url = url
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.prefix = prefix
         self.lock_timeout_s = lock_timeout_s
+        self.expiry_key, self.created_key = f"{prefix}:index:expiry", f"{prefix}:index:created"
         # Binary-safe (no decode_responses); fail fast so a request gets 503 instead of hanging.
         self.redis = aioredis.Redis.from_url(
             url,
@@ -183,6 +192,9 @@ class RedisStore(AdapterStore):
 
     def _key(self, adapter_id: str, part: str) -> str:
         return f"{self.prefix}:adapter:{adapter_id}:{part}"
+
+    def _expires(self) -> int:
+        return int(time.time() * 1000) + self.ttl_ms
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -196,67 +208,98 @@ class RedisStore(AdapterStore):
             async with self.redis.pipeline(transaction=False) as p:
                 for part in PARTS:
                     p.getex(self._key(adapter_id, part), px=self.ttl_ms)
-                peft, state, meta = await p.execute()
-            if peft is None or state is None or meta is None:
-                await self._forget_partial(adapter_id, (peft, state, meta))
+                p.zadd(self.expiry_key, {adapter_id: self._expires()}, xx=True)
+                peft, config, state, meta, _ = await p.execute()
+            if peft is None or config is None or state is None or meta is None:
+                await self._forget_partial(adapter_id, (peft, config, state, meta))
                 return None
-        return StoredAdapter(AdapterInfo.model_validate_json(meta), peft, state)
+        info = AdapterInfo.model_validate_json(meta)
+        return StoredAdapter(info, MadeAdapter(peft, config.decode(), state, info.tokens))
 
     async def _forget_partial(self, adapter_id: str, values: tuple[object, ...]) -> None:
         """An entry with an evicted part is useless: drop the rest too."""
         if any(v is not None for v in values):
-            await self.redis.delete(*(self._key(adapter_id, part) for part in PARTS))
+            await self.delete(adapter_id)
 
     async def touch(self, adapter_id: str) -> AdapterInfo | None:
         with self._reachable():
             async with self.redis.pipeline(transaction=False) as p:
-                p.pexpire(self._key(adapter_id, "peft"), self.ttl_ms)
-                p.pexpire(self._key(adapter_id, "state"), self.ttl_ms)
+                for part in PARTS[:-1]:
+                    p.pexpire(self._key(adapter_id, part), self.ttl_ms)
                 p.getex(self._key(adapter_id, "meta"), px=self.ttl_ms)
-                peft, state, meta = await p.execute()
-            if not (peft and state and meta):
-                await self._forget_partial(adapter_id, (peft or None, state or None, meta))
+                p.zadd(self.expiry_key, {adapter_id: self._expires()}, xx=True)
+                *alive, meta, _ = await p.execute()
+            if not all(alive) or meta is None:
+                await self._forget_partial(adapter_id, (*(a or None for a in alive), meta))
                 return None
         return AdapterInfo.model_validate_json(meta)
 
     async def put(self, adapter: StoredAdapter) -> None:
-        meta = adapter.info.model_dump_json()
-        values = {"peft": adapter.peft, "state": adapter.state, "meta": meta}
+        a, aid = adapter.adapter, adapter.info.id
+        values = {
+            "peft": a.peft,
+            "config": a.peft_config,
+            "state": a.state,
+            "meta": adapter.info.model_dump_json(),
+        }
         with self._reachable():
             async with self.redis.pipeline(transaction=True) as p:  # MULTI/EXEC: all or nothing
                 for part in PARTS:
-                    p.set(self._key(adapter.info.id, part), values[part], px=self.ttl_ms)
+                    p.set(self._key(aid, part), values[part], px=self.ttl_ms)
+                p.zadd(self.expiry_key, {aid: self._expires()})
+                p.zadd(self.created_key, {aid: adapter.info.created_at})
                 await p.execute()
 
     async def delete(self, adapter_id: str) -> bool:
         with self._reachable():
-            return bool(await self.redis.delete(*(self._key(adapter_id, p) for p in PARTS)))
+            async with self.redis.pipeline(transaction=True) as p:
+                p.delete(*(self._key(adapter_id, part) for part in PARTS))
+                p.zrem(self.expiry_key, adapter_id)
+                p.zrem(self.created_key, adapter_id)
+                deleted, _, _ = await p.execute()
+        return bool(deleted)
 
-    async def list(self) -> list[AdapterInfo]:
+    async def list(self) -> list[Listed]:
+        """From the indexes alone; entries whose TTL lapsed are dropped from them here."""
         with self._reachable():
-            keys = [k async for k in self.redis.scan_iter(match=self._key("*", "meta"))]
-            metas = await self.redis.mget(keys) if keys else []
-        return [AdapterInfo.model_validate_json(m) for m in metas if m is not None]
+            expired = await self.redis.zrange(
+                self.expiry_key, "-inf", int(time.time() * 1000), byscore=True
+            )
+            if expired:
+                async with self.redis.pipeline(transaction=True) as p:
+                    p.zrem(self.expiry_key, *expired)
+                    p.zrem(self.created_key, *expired)
+                    await p.execute()
+            rows = await self.redis.zrange(self.created_key, 0, -1, withscores=True)
+        return [Listed(aid.decode(), int(created)) for aid, created in rows]
 
     @contextlib.asynccontextmanager
     async def lock(self, adapter_id: str) -> AsyncIterator[None]:
-        # redis-py's Lock: SET NX PX with a random token, polled; released only by its owner.
+        """redis-py's Lock (SET NX PX with a random token, released only by its owner), renewed
+        while held: an adapt may take longer than `lock_timeout_s`, which only bounds how long
+        the lock of a server that died outlives it. Waiters wait as long as the holder works."""
         lock = self.redis.lock(
             self._key(adapter_id, "lock"),
             timeout=self.lock_timeout_s,
             sleep=0.05,
-            blocking_timeout=self.lock_timeout_s,
             thread_local=False,
         )
         with self._reachable():
-            acquired = await lock.acquire()
-        if not acquired:
-            raise StoreUnavailable(f"timed out waiting for another server to create {adapter_id}")
+            await lock.acquire()
+        renewing = asyncio.create_task(self._renew(lock))
         try:
             yield
         finally:
+            renewing.cancel()
+            with contextlib.suppress(LockError, RedisError, asyncio.CancelledError):
+                await renewing
             with contextlib.suppress(LockError, RedisError):  # expired or Redis gone: it lapses
                 await lock.release()
+
+    async def _renew(self, lock: Lock) -> None:
+        while True:
+            await asyncio.sleep(self.lock_timeout_s / 3)
+            await lock.reacquire()
 
     async def ping(self) -> None:
         with self._reachable():
@@ -270,7 +313,9 @@ def open_store(settings: Settings) -> AdapterStore:
     """RedisStore for a URL, else the in-process MemoryStore (the embedded default)."""
     if settings.redis_url:
         return RedisStore(
-            settings.redis_url, settings.adapter_ttl_s, settings.redis_prefix,
+            settings.redis_url,
+            settings.adapter_ttl_s,
+            settings.redis_prefix,
             settings.lock_timeout_s,
         )
     return MemoryStore(settings.memory_store_bytes, settings.adapter_ttl_s)

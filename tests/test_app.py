@@ -1,7 +1,8 @@
 """The HTTP app with a fake engine and a tiny model: every route, every error path.
 
-The pipeline is real (a 2-layer random Llama with SmolLM2's tokenizer, so chat templates work);
-only vLLM is replaced, by an engine that echoes which adapter folder it was handed.
+The adapter maker is real (a 2-layer random Llama with a byte-level tokenizer and a chat
+template); only vLLM is replaced, by an engine that echoes which adapter folder it was handed.
+Tests that need Redis are marked slow.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from generator.base_model import BaseModel, resolve_model_dir
 from generator.lora import PEFT_WEIGHTS_FILE
+from generator.maker import AdapterMaker, MadeAdapter
 from generator.pipeline import AdapterPipeline
 from server.engine import Delta, LoRA, SamplingOptions
 from server.errors import EngineUnavailable
+from server.launch import free_port
 from server.main import create_app
 from server.protocol import AdapterInfo
 from server.settings import Settings
 from server.store import AdapterStore, MemoryStore, RedisStore, StoredAdapter
-from tests.conftest import random_generator
-from tests.test_store import REDIS_URL, prefix  # noqa: F401 (a fixture)
+from tests.conftest import REDIS_URL, random_generator, tiny_llama
 
 CONTEXT = "Zorblat is a small planet. Its capital is Velloran, famous for purple oceans."
 
@@ -38,7 +38,7 @@ CONTEXT = "Zorblat is a small planet. Its capital is Velloran, famous for purple
 class FakeEngine:
     """Yields `max_tokens` deltas naming the adapter; checks its folder is really there."""
 
-    def __init__(self, settings: Settings, pipeline: AdapterPipeline) -> None:
+    def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
         self.fail_after: int | None = None  # raise after this many deltas
         self.healthy = True
         self.loras: list[LoRA | None] = []
@@ -65,24 +65,19 @@ class FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory) -> AdapterPipeline:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(None)[1])
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+def maker(tmp_path_factory: pytest.TempPathFactory) -> AdapterMaker:
+    base = tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), "tiny-chat-llama")
+    return AdapterMaker(
+        AdapterPipeline(base, random_generator(base, window=16, rank=8, inner_size=32))
     )
-    folder = tmp_path_factory.mktemp("tiny-chat-llama")
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    model.save_pretrained(folder)
-    base = BaseModel(name="tiny-chat-llama", path=folder, model=model, tokenizer=tokenizer)
-    return AdapterPipeline(base, random_generator(base, window=16, rank=8, inner_size=32))
 
 
 class App:
     """A started app, its HTTP client, fake engine and store."""
 
-    def __init__(self, client: httpx.AsyncClient, engine: FakeEngine, store: AdapterStore,
-                 settings: Settings) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, engine: FakeEngine, store: AdapterStore, settings: Settings
+    ) -> None:
         self.client, self.engine, self.store, self.settings = client, engine, store, settings
 
     async def adapt(self, **body: object) -> dict:
@@ -91,17 +86,15 @@ class App:
         return r.json()
 
 
-async def start_app(
-    pipeline: AdapterPipeline, store: AdapterStore, tmp_path: Path
-) -> AsyncIterator[App]:
+async def start_app(maker: AdapterMaker, store: AdapterStore, tmp_path: Path) -> AsyncIterator[App]:
     settings = Settings(shm_dir=tmp_path / "shm", max_context_tokens=200, max_model_len=256)
     engines: list[FakeEngine] = []
 
-    def factory(s: Settings, p: AdapterPipeline) -> FakeEngine:
-        engines.append(FakeEngine(s, p))
+    def factory(s: Settings, m: AdapterMaker) -> FakeEngine:
+        engines.append(FakeEngine(s, m))
         return engines[-1]
 
-    app = create_app(settings, pipeline=pipeline, store=store, engine_factory=factory)
+    app = create_app(settings, maker=maker, store=store, engine_factory=factory)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
@@ -109,8 +102,8 @@ async def start_app(
 
 
 @pytest.fixture
-async def app(pipeline: AdapterPipeline, tmp_path: Path) -> AsyncIterator[App]:
-    async for a in start_app(pipeline, MemoryStore(1 << 30, 3600), tmp_path):
+async def app(maker: AdapterMaker, tmp_path: Path) -> AsyncIterator[App]:
+    async for a in start_app(maker, MemoryStore(1 << 30, 3600), tmp_path):
         yield a
 
 
@@ -141,8 +134,9 @@ async def test_adapt_cache_generate_info_models_delete(app: App) -> None:
     alias = (await app.client.post("/adapt", json={"context": CONTEXT})).json()
     assert (alias["adapter_id"], alias["cached"]) == (aid, True)
 
-    r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "Capital?",
-                                                    "max_tokens": 3})
+    r = await app.client.post(
+        "/v1/generate", json={"adapter_id": aid, "prompt": "Capital?", "max_tokens": 3}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["text"] == f"{aid}:0 {aid}:1 {aid}:2 "
     assert r.json()["usage"]["completion_tokens"] == 3
@@ -150,8 +144,11 @@ async def test_adapt_cache_generate_info_models_delete(app: App) -> None:
     assert base.json()["text"] == "base:0 "
 
     info = (await app.client.get(f"/v1/adapters/{aid}")).json()
-    assert (info["id"], info["tokens"], info["base_model"]) == (aid, first["tokens"],
-                                                                 "tiny-chat-llama")
+    assert (info["id"], info["tokens"], info["base_model"]) == (
+        aid,
+        first["tokens"],
+        "tiny-chat-llama",
+    )
     models = [m["id"] for m in (await app.client.get("/v1/models")).json()["data"]]
     assert models == ["tiny-chat-llama", aid]
 
@@ -162,8 +159,10 @@ async def test_adapt_cache_generate_info_models_delete(app: App) -> None:
 
 
 async def test_messages_and_documents_inputs(app: App) -> None:
-    messages = [{"role": "user", "content": "I love sailing."},
-                {"role": "assistant", "content": "Nice!"}]
+    messages = [
+        {"role": "user", "content": "I love sailing."},
+        {"role": "assistant", "content": "Nice!"},
+    ]
     by_messages = await app.adapt(messages=messages)
     assert (await app.adapt(messages=messages))["cached"] is True
     by_docs = await app.adapt(documents=["First document.", "Second one."])
@@ -179,22 +178,22 @@ async def test_extend_with_parent(app: App) -> None:
     assert child["parent"] == parent["adapter_id"]
     assert child["tokens"] == parent["tokens"] + alone["tokens"]
     assert len({child["adapter_id"], alone["adapter_id"], parent["adapter_id"]}) == 3
-    child_state = (await app.store.get(child["adapter_id"])).peft  # type: ignore[union-attr]
-    alone_state = (await app.store.get(alone["adapter_id"])).peft  # type: ignore[union-attr]
-    assert child_state != alone_state  # the parent's state was carried over
+    child_entry, alone_entry = [await app.store.get(x["adapter_id"]) for x in (child, alone)]
+    assert child_entry is not None and alone_entry is not None
+    assert child_entry.adapter.peft != alone_entry.adapter.peft  # the parent's state carried over
 
 
 @pytest.fixture
-def generator_runs(pipeline: AdapterPipeline, monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """One entry per generator run (the pipeline's adapt_ids), for single-flight tests."""
+def generator_runs(maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """One entry per generator run (the maker's make), for single-flight tests."""
     runs: list[object] = []
-    real = pipeline.adapt_ids
+    real = maker.make
 
-    def counting(*args: object) -> object:
-        runs.append(args)
-        return real(*args)  # type: ignore[arg-type]
+    def counting(ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
+        runs.append(ids)
+        return real(ids, parent_state)
 
-    monkeypatch.setattr(pipeline, "adapt_ids", counting)
+    monkeypatch.setattr(maker, "make", counting)
     return runs
 
 
@@ -227,10 +226,13 @@ async def test_openai_routes_and_streams(app: App) -> None:
     assert (r["object"], r["choices"][0]["text"]) == ("text_completion", "base:0 base:1 ")
     r = await app.client.post("/v1/completions", json={**comp, "stream": True})
     assert [json.loads(e)["choices"][0]["text"] for e in sse_events(r.text)] == [
-        "base:0 ", "base:1 "]
+        "base:0 ",
+        "base:1 ",
+    ]
 
-    r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "Hi",
-                                                    "max_tokens": 2, "stream": True})
+    r = await app.client.post(
+        "/v1/generate", json={"adapter_id": aid, "prompt": "Hi", "max_tokens": 2, "stream": True}
+    )
     assert [json.loads(e)["text"] for e in sse_events(r.text)] == [f"{aid}:0 ", f"{aid}:1 "]
 
 
@@ -240,8 +242,12 @@ async def test_health_and_metrics(app: App) -> None:
     await app.adapt(context="metrics")
     await app.adapt(context="metrics")
     text = (await app.client.get("/metrics")).text
-    for name in ("genadapter_adapt_seconds_bucket", 'genadapter_adapt_cache_total{cache="hit"}',
-                 "genadapter_adapt_queue_depth", "genadapter_generation_requests_in_flight"):
+    for name in (
+        "genadapter_adapt_seconds_bucket",
+        'genadapter_adapt_cache_total{cache="hit"}',
+        "genadapter_adapt_queue_depth",
+        "genadapter_generation_requests_in_flight",
+    ):
         assert name in text
     app.engine.healthy = False
     r = await app.client.get("/health")
@@ -274,8 +280,9 @@ async def test_adapt_rejects_bad_input(app: App, body: dict, status: int, text: 
 
 
 async def test_malformed_json_is_422(app: App) -> None:
-    r = await app.client.post("/v1/adapt", content=b'{"context": "a"',
-                              headers={"content-type": "application/json"})
+    r = await app.client.post(
+        "/v1/adapt", content=b'{"context": "a"', headers={"content-type": "application/json"}
+    )
     assert_error(r, 422, "JSON decode error")
 
 
@@ -286,21 +293,45 @@ async def test_malformed_json_is_422(app: App) -> None:
         ("DELETE", "/v1/adapters/ga-" + "0" * 32, None, 404, "not found"),
         ("GET", "/v1/adapters/ga-..%2F..%2Fetc", None, 404, "Not Found"),
         ("GET", "/v1/adapters/ga-ZZ", None, 422, "invalid adapter id"),
-        ("POST", "/v1/generate", {"adapter_id": "ga-" + "0" * 32, "prompt": "x"}, 404,
-         "not found"),
-        ("POST", "/v1/generate", {"adapter_id": "ga-../../../tmp/x", "prompt": "x"}, 422,
-         "invalid adapter id"),
+        ("POST", "/v1/generate", {"adapter_id": "ga-" + "0" * 32, "prompt": "x"}, 404, "not found"),
+        (
+            "POST",
+            "/v1/generate",
+            {"adapter_id": "ga-../../../tmp/x", "prompt": "x"},
+            422,
+            "invalid adapter id",
+        ),
         ("POST", "/v1/generate", {"prompt": "x", "max_tokens": 0}, 422, "greater than or equal"),
         ("POST", "/v1/generate", {"prompt": "x", "temperature": "hot"}, 422, "valid number"),
         ("POST", "/v1/generate", {"prompt": "x", "max_tokens": 1000}, 400, "max_model_len 256"),
-        ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [
-            {"role": "user", "content": "x"}]}, 404, "model 'gpt-4' does not exist"),
-        ("POST", "/v1/chat/completions", {"model": "ga-" + "1" * 32, "messages": [
-            {"role": "user", "content": "x"}]}, 404, "not found"),
-        ("POST", "/v1/chat/completions", {"model": "tiny-chat-llama", "messages": []}, 422,
-         "messages"),
-        ("POST", "/v1/completions", {"model": "ga-/../x", "prompt": "x"}, 422,
-         "invalid adapter id"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model 'gpt-4' does not exist",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "ga-" + "1" * 32, "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "not found",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "tiny-chat-llama", "messages": []},
+            422,
+            "messages",
+        ),
+        (
+            "POST",
+            "/v1/completions",
+            {"model": "ga-/../x", "prompt": "x"},
+            422,
+            "invalid adapter id",
+        ),
     ],
 )
 async def test_request_errors(
@@ -315,9 +346,15 @@ async def test_request_errors(
 async def test_stored_adapter_for_another_setup_is_a_clear_409(app: App) -> None:
     for n, change in enumerate(({"base_model": "other-model"}, {"lora_rank": 64})):
         aid = f"ga-{n:032x}"
-        info = AdapterInfo(id=aid, created_at=0, tokens=1, base_model="tiny-chat-llama",
-                           fingerprint="x", lora_rank=8).model_copy(update=change)
-        await app.store.put(StoredAdapter(info, b"peft", b"state"))
+        info = AdapterInfo(
+            id=aid,
+            created_at=0,
+            tokens=1,
+            base_model="tiny-chat-llama",
+            fingerprint="x",
+            lora_rank=8,
+        ).model_copy(update=change)
+        await app.store.put(StoredAdapter(info, MadeAdapter(b"peft", "{}", b"state", 1)))
         field = next(iter(change))
         r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"})
         assert_error(r, 409, f"has {field}")
@@ -327,14 +364,15 @@ async def test_stored_adapter_for_another_setup_is_a_clear_409(app: App) -> None
 
 
 async def test_failed_generation_leaves_nothing(
-    app: App, pipeline: AdapterPipeline, monkeypatch: pytest.MonkeyPatch
+    app: App, maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def crash(*args: object) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(pipeline, "adapt_ids", crash)
-    assert_error(await app.client.post("/v1/adapt", json={"context": CONTEXT}), 500,
-                 "out of memory")
+    monkeypatch.setattr(maker, "make", crash)
+    assert_error(
+        await app.client.post("/v1/adapt", json={"context": CONTEXT}), 500, "out of memory"
+    )
     assert await app.store.list() == []
     monkeypatch.undo()
     assert (await app.adapt(context=CONTEXT))["cached"] is False
@@ -357,15 +395,11 @@ async def test_engine_failures(app: App) -> None:
 # --- Redis down and back -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_redis(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
     for _ in range(100):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -374,14 +408,15 @@ def start_redis(port: int) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
+@pytest.mark.slow
 async def test_redis_down_is_503_and_the_server_recovers(
-    pipeline: AdapterPipeline, tmp_path: Path
+    maker: AdapterMaker, tmp_path: Path
 ) -> None:
     port = free_port()
     redis = start_redis(port)
     store = RedisStore(f"redis://127.0.0.1:{port}/0", ttl_s=3600)
     try:
-        async for app in start_app(pipeline, store, tmp_path):
+        async for app in start_app(maker, store, tmp_path):
             aid = (await app.adapt(context=CONTEXT))["adapter_id"]
             redis.terminate()
             redis.wait()
@@ -405,20 +440,24 @@ async def test_redis_down_is_503_and_the_server_recovers(
         redis.wait()
 
 
+@pytest.mark.slow
 async def test_two_servers_sharing_redis_share_adapters(
-    pipeline: AdapterPipeline, tmp_path: Path, generator_runs: list[object],
-    prefix: str,  # noqa: F811 (the imported fixture)
+    maker: AdapterMaker, tmp_path: Path, generator_runs: list[object], prefix: str
 ) -> None:
     """Made by one process, served by another (from Redis), generated once for both."""
     async with contextlib.AsyncExitStack() as stack:
         one, two = [
-            await stack.enter_async_context(contextlib.asynccontextmanager(start_app)(
-                pipeline, RedisStore(REDIS_URL, 60, prefix=prefix), tmp_path / str(i)))
+            await stack.enter_async_context(
+                contextlib.asynccontextmanager(start_app)(
+                    maker, RedisStore(REDIS_URL, 60, prefix=prefix), tmp_path / str(i)
+                )
+            )
             for i in range(2)
         ]
         results = await asyncio.gather(one.adapt(context=CONTEXT), two.adapt(context=CONTEXT))
         assert len(generator_runs) == 1 and sorted(r["cached"] for r in results) == [False, True]
         aid = results[0]["adapter_id"]
-        r = await two.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x",
-                                                        "max_tokens": 1})
+        r = await two.client.post(
+            "/v1/generate", json={"adapter_id": aid, "prompt": "x", "max_tokens": 1}
+        )
         assert r.json()["text"] == f"{aid}:0 "

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.report import write
+from benchmarks.train import markdown, run
 from generator.base_model import BaseModel
-from generator.bench import markdown_train, run_train, write
 from generator.pipeline import AdapterPipeline
 from tests.conftest import random_generator, write_data
 
@@ -28,9 +29,10 @@ def test_sections_are_replaced_not_appended(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_train_benchmark_times_each_window_setting(smollm2: BaseModel, tmp_path: Path) -> None:
     pipeline = AdapterPipeline(smollm2, random_generator(smollm2, window=16))
-    result = run_train(pipeline, write_data(tmp_path / "data"), steps=1, batch_size=2,
-                       windows=((16, 2), (32, 1)))
+    result = run(
+        pipeline, write_data(tmp_path / "data"), steps=1, batch_size=2, windows=((16, 2), (32, 1))
+    )
     assert [(r["window"], r["windows"]) for r in result["rows"]] == [(16, 2), (32, 1)]
     assert all(r["update_s"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"])
-    assert "| 16 x 2 |" in markdown_train(result)
+    assert "| 16 x 2 |" in markdown(result)
     assert not any(p.grad is not None for p in pipeline.generator.parameters())  # left clean

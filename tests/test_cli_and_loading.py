@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from genadapter.cli import build_parser, main, train_config
 from generator import base_model
 from generator.base_model import BaseModel, BaseModelError, convert_gguf, default_gguf
-from generator.cli import build_parser, main, train_config
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
-from generator.train import TrainConfig
+from generator.training.train import TrainConfig
 
 
 @pytest.mark.slow
@@ -65,8 +65,9 @@ def test_unreadable_gguf_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("content", [b"", b"  \n\t", b"\xff\xfe\x00bad utf-8"])
-def test_adapt_rejects_bad_context_files(tmp_path: Path, content: bytes,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_adapt_rejects_bad_context_files(
+    tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
     context = tmp_path / "context.txt"
     context.write_bytes(content)
     out = tmp_path / "adapter"
@@ -90,10 +91,12 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert command in help_text
 
 
-def test_train_flags_override_only_what_they_name(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_parser().parse_args(["train", "--out", str(tmp_path), "--lr", "0.5",
-                                      "--instruct-weights", "1", "0", "0"])
+def test_train_flags_override_only_what_they_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(
+        ["train", "--out", str(tmp_path), "--lr", "0.5", "--instruct-weights", "1", "0", "0"]
+    )
     assert train_config(args) == TrainConfig(out_dir=tmp_path, lr=0.5, instruct_weights=[1, 0, 0])
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -104,8 +107,9 @@ def test_train_flags_override_only_what_they_name(tmp_path: Path,
 
 
 @pytest.mark.slow
-def test_adapt_uses_the_shipped_trained_generator(smollm2: BaseModel, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_adapt_uses_the_shipped_trained_generator(
+    smollm2: BaseModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     context = tmp_path / "context.txt"
     context.write_text("Velloran is the capital of Zorblat, a planet of purple oceans. " * 4)
     out = tmp_path / "adapter"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from generator import data
+from generator.training import data
 
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 N_PASSAGES = 40  # enough that the hash puts some passages outside train
@@ -125,8 +125,11 @@ def test_rows_parsed_into_schemas(archive: Path, brown: Path, tmp_path: Path) ->
     wikipedia = [r for r in _all_rows(out, "pretrain") if r["source"] == "wikipedia"]
     pretrain = {r["text"].split(" starts")[0]: r for r in wikipedia}
     assert len(pretrain) == 18
-    assert pretrain["Doc 0"] == {"text": "Doc 0 starts v. Chr. here.\n\nSecond para.", "lang": "de",
-                                 "source": "wikipedia"}
+    assert pretrain["Doc 0"] == {
+        "text": "Doc 0 starts v. Chr. here.\n\nSecond para.",
+        "lang": "de",
+        "source": "wikipedia",
+    }
     assert pretrain["Doc 17"]["lang"] == "ru"  # 9 languages in equal consecutive blocks
 
     conflicts = {r["question"]: r for r in _all_rows(out, "qa_conflicts")}
@@ -166,8 +169,11 @@ def test_rows_parsed_into_schemas(archive: Path, brown: Path, tmp_path: Path) ->
 
     brown_rows = [r for r in _all_rows(out, "pretrain") if r["source"] == "brown"]
     assert len(brown_rows) == 4  # package.json and README are not samples
-    assert {"text": 'The juryca01 said "no evidence" was found, (Atlanta\'s). It ended.',
-            "lang": "en", "source": "brown"} in brown_rows
+    assert {
+        "text": 'The juryca01 said "no evidence" was found, (Atlanta\'s). It ended.',
+        "lang": "en",
+        "source": "brown",
+    } in brown_rows
 
     dialogue = _all_rows(out, "dialogue")
     assert {"history": ["Hi there", "Hello!"], "response": "How are you?"} in dialogue

@@ -27,7 +27,7 @@ IDS = [(7 * i + 3) % 128 for i in range(48)]  # 3 windows of 16
 
 
 def logits(pipeline: AdapterPipeline, ids: list[int], factors=None) -> torch.Tensor:
-    with applied(pipeline.lora_layers, factors):
+    with applied(factors):
         return pipeline.base.model(torch.tensor([ids])).logits
 
 
@@ -95,10 +95,18 @@ def test_adapter_bytes_are_deterministic(tiny_base: BaseModel) -> None:
     assert first.fingerprint == second.fingerprint
 
 
-def test_extend_equals_one_shot(tiny_pipeline: AdapterPipeline) -> None:
+def test_extend_equals_one_shot(
+    tiny_pipeline: AdapterPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
     whole = tiny_pipeline.adapt_ids(IDS + IDS[:5])
     state, tokens = state_from_bytes(tiny_pipeline.adapt_ids(IDS[:32]).state_bytes())
-    extended = tiny_pipeline.adapt_ids(IDS[32:] + IDS[:5], tiny_pipeline.restore(state, tokens))
+    calls = []
+    lora = tiny_pipeline.generator.lora
+    monkeypatch.setattr(tiny_pipeline.generator, "lora", lambda s: calls.append(1) or lora(s))
+    extended = tiny_pipeline.adapt_ids(IDS[32:] + IDS[:5], state, tokens)
+    # S -> LoRA (an SVD per module) once per new window, read with the adapter before it, and
+    # once for the result; none for the parent alone, which extending does not need
+    assert len(calls) == 3  # 21 new tokens, window 16: two windows
     assert extended.tokens == whole.tokens == 53
     for name, (a, b) in whole.factors.items():
         ea, eb = extended.factors[name]
@@ -149,9 +157,17 @@ def test_missing_generator_folder_is_a_clear_error(tmp_path: Path) -> None:
         load_generator(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("bad", [{"rank": 12}, {"rank": 64, "inner_size": 32}, {"window": 0}])
-def test_bad_config_says_what_to_change(tiny_base: BaseModel, bad: dict) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"rank": 64, "inner_size": 32}, "rank 64 exceeds inner_size 32"),
+        ({"window": 0}, "window must be positive"),
+        ({"normalization": "l2"}, "normalization must be 'svd' or 'frobenius'"),
+        ({"target_modules": ("q_proj", "nope")}, r"target modules \['nope'\] not found"),
+    ],
+)
+def test_bad_config_says_what_to_change(tiny_base: BaseModel, bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         GeneratorConfig.for_base_model(tiny_base.model, tiny_base.name, **bad)
 
 

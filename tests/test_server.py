@@ -17,16 +17,14 @@ from openai import OpenAI
 
 from clients import ApiError, GenerativeAdapterClient
 from generator.base_model import BaseModel
-from generator.config import GeneratorConfig
-from generator.lora import peft_config, write_peft_folder
+from generator.lora import write_peft_folder
 from generator.pipeline import save_generator
 from server.launch import running_server
-from tests.conftest import random_generator
+from tests.conftest import REDIS_URL, random_generator
 from tests.test_vllm_export import CONTEXT, peft_greedy
 
 pytestmark = pytest.mark.slow
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 BASE = "SmolLM2-135M-Instruct"
 OTHER_CONTEXT = "Marco loves sailing and his dog is called Biscuit. He lives in a lighthouse."
 QUESTION = "What is the capital of Zorblat?"
@@ -47,8 +45,18 @@ def server(smollm2: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Iter
     folder = tmp_path_factory.mktemp("server")
     save_generator(random_generator(smollm2, std=STD), folder / "generator")
     prefix = f"test-server-{uuid.uuid4().hex}"
-    args = ["--generator", str(folder / "generator"), "--redis-url", REDIS_URL,
-            "--redis-prefix", prefix, "--max-loras", "4", "--max-model-len", "1024"]
+    args = [
+        "--generator",
+        str(folder / "generator"),
+        "--redis-url",
+        REDIS_URL,
+        "--redis-prefix",
+        prefix,
+        "--max-loras",
+        "4",
+        "--max-model-len",
+        "1024",
+    ]
     with running_server(args, folder / "server.log") as url, GenerativeAdapterClient(url) as c:
         yield Server(url, c, prefix, folder / "generator")
     r = redis.Redis.from_url(REDIS_URL)
@@ -94,16 +102,20 @@ def test_openai_client_chat_completions_and_models(server: Server) -> None:
     assert chat.choices[0].message.content == expected
     assert chat.usage is not None and chat.usage.completion_tokens > 0
 
-    stream = oai.chat.completions.create(model=a, messages=messages, max_tokens=24,
-                                         temperature=0, stream=True)
+    stream = oai.chat.completions.create(
+        model=a, messages=messages, max_tokens=24, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
 
     prompt = "The capital of France is"
     comp = oai.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0)
-    streamed = oai.completions.create(model=BASE, prompt=prompt, max_tokens=8, temperature=0,
-                                      stream=True)
-    assert comp.choices[0].text and "".join(c.choices[0].text for c in streamed) == comp.choices[
-        0].text
+    streamed = oai.completions.create(
+        model=BASE, prompt=prompt, max_tokens=8, temperature=0, stream=True
+    )
+    assert (
+        comp.choices[0].text
+        and "".join(c.choices[0].text for c in streamed) == comp.choices[0].text
+    )
 
     ids = [m.id for m in oai.models.list()]
     assert ids[0] == BASE and a in ids
@@ -137,10 +149,10 @@ def test_served_adapter_generates_like_peft(
 ) -> None:
     """The bytes the server stored, loaded by PEFT: greedy tokens equal, up to EOS."""
     aid = server.client.adapt(context=CONTEXT).adapter_id
-    weights = redis.Redis.from_url(REDIS_URL).get(f"{server.prefix}:adapter:{aid}:peft")
-    assert weights is not None
-    config = peft_config(GeneratorConfig.load(server.generator), str(smollm2.path))
-    folder = write_peft_folder(tmp_path / "adapter", weights, config)
+    stored = redis.Redis.from_url(REDIS_URL)
+    weights, config = (stored.get(f"{server.prefix}:adapter:{aid}:{p}") for p in ("peft", "config"))
+    assert weights is not None and config is not None
+    folder = write_peft_folder(tmp_path / "adapter", weights, config.decode())
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 16
     prompt = smollm2.tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import redis.asyncio as aioredis
 
+from generator.maker import MadeAdapter
 from server.errors import StoreUnavailable
+from server.launch import free_port
 from server.protocol import AdapterInfo
-from server.store import AdapterStore, MemoryStore, RedisStore, StoredAdapter
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from server.store import PARTS, AdapterStore, Listed, MemoryStore, RedisStore, StoredAdapter
+from tests.conftest import REDIS_URL
 
 MakeStore = Callable[..., AdapterStore]
 
@@ -23,27 +21,21 @@ MakeStore = Callable[..., AdapterStore]
 def entry(n: int, size: int = 100) -> StoredAdapter:
     aid = f"ga-{n:032x}"
     info = AdapterInfo(
-        id=aid, created_at=int(time.time()), tokens=n, base_model="m", fingerprint="f",
+        id=aid,
+        created_at=int(time.time()),
+        tokens=n,
+        base_model="m",
+        fingerprint="f",
         lora_rank=8,
     )
-    return StoredAdapter(info, peft=bytes([n % 256]) * size, state=b"s" * size)
+    adapter = MadeAdapter(bytes([n % 256]) * size, '{"r": 8}', b"s" * size, n)
+    return StoredAdapter(info, adapter)
 
 
-@pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    """A fresh Redis key prefix; its keys are deleted afterwards."""
-    prefix = f"test-{uuid.uuid4().hex}"
-    yield prefix
-    r = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in r.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await r.delete(*keys)
-    await r.aclose()
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def make_store(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[MakeStore]:
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.slow)])
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     """Stores of one kind; Redis ones share one key prefix."""
+    prefix = request.getfixturevalue("prefix") if request.param == "redis" else ""
     made: list[AdapterStore] = []
 
     def make(ttl_s: float = 60, budget: int = 1 << 20) -> AdapterStore:
@@ -68,7 +60,8 @@ async def test_put_get_touch_list_delete(make_store: MakeStore) -> None:
     await store.put(b)
     assert await store.get(a.info.id) == a
     assert await store.touch(b.info.id) == b.info
-    assert sorted(i.id for i in await store.list()) == [a.info.id, b.info.id]
+    listed = [Listed(a.info.id, a.info.created_at), Listed(b.info.id, b.info.created_at)]
+    assert sorted(await store.list()) == listed
     assert await store.delete(a.info.id) is True
     assert await store.delete(a.info.id) is False
     assert await store.get(a.info.id) is None
@@ -135,33 +128,67 @@ async def test_memory_store_evicts_least_recently_used() -> None:
     assert await store.get(entry(1).info.id) is not None  # 1 is now the most recent
     await store.put(entry(4))
     assert await store.get(entry(2).info.id) is None  # least recently used went first
-    assert {i.tokens for i in await store.list()} == {1, 3, 4}
+    assert {i.id for i in await store.list()} == {entry(n).info.id for n in (1, 3, 4)}
     assert store.nbytes <= store.budget_bytes
 
 
+@pytest.mark.slow
 async def test_redis_entry_missing_a_part_reads_as_missing(prefix: str) -> None:
     """Under allkeys-lru Redis may evict one key of an entry; the rest is then dropped."""
     store = RedisStore(REDIS_URL, ttl_s=60, prefix=prefix)
-    keys = [store._key(entry(6).info.id, p) for p in ("peft", "state", "meta")]
-    for part in ("peft", "state", "meta"):
+    keys = [store._key(entry(6).info.id, p) for p in PARTS]
+    for part in PARTS:
         a = entry(6)
         await store.put(a)
         await store.redis.delete(store._key(a.info.id, part))  # as allkeys-lru would
         assert await store.get(a.info.id) is None
         assert await store.touch(a.info.id) is None
         assert await store.redis.exists(*keys) == 0
+        assert await store.list() == []
     await store.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_unreachable_redis_raises_store_unavailable() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{closed_port()}/0", ttl_s=60)
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", ttl_s=60)
     for call in (store.ping(), store.get(entry(7).info.id), store.put(entry(7)), store.list()):
         with pytest.raises(StoreUnavailable, match="unavailable"):
             await call
+    await store.close()
+
+
+@pytest.mark.slow
+async def test_redis_lock_outlives_its_timeout_while_the_adapt_runs(prefix: str) -> None:
+    """An adapt longer than lock_timeout_s keeps its lock (it is renewed): two servers still
+    run the generator once. A lock that merely expired let the second server run it again."""
+    stores = [RedisStore(REDIS_URL, 60, prefix=prefix, lock_timeout_s=0.3) for _ in range(2)]
+    a = entry(8)
+    calls = 0
+
+    async def slow_factory() -> StoredAdapter:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(1.2)  # four lock timeouts
+        return a
+
+    results = await asyncio.gather(*(s.get_or_create(a.info.id, slow_factory) for s in stores))
+    assert calls == 1
+    assert sorted(created for _, created in results) == [False, True]
+    for s in stores:
+        await s.close()
+
+
+@pytest.mark.slow
+async def test_redis_list_reads_the_index_not_the_keyspace(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing never SCANs (which walks every key of the database) nor reads the entries; an
+    expired entry leaves the index."""
+    store = RedisStore(REDIS_URL, ttl_s=0.5, prefix=prefix)
+    await store.put(entry(9))
+    for command in ("scan_iter", "scan", "mget", "get", "keys"):
+        monkeypatch.setattr(store.redis, command, None)
+    assert [x.id for x in await store.list()] == [entry(9).info.id]
+    await asyncio.sleep(0.7)
+    assert await store.list() == []
+    assert await store.redis.zcard(store.expiry_key) == 0
     await store.close()

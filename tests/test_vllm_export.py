@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from genadapter.cli import main
 from generator.base_model import BaseModel
-from generator.cli import main
 from generator.pipeline import save_generator
 from server.vllm_env import apply_vllm_env
 from tests.conftest import random_generator
@@ -29,7 +29,7 @@ def peft_greedy(base: BaseModel, adapter: Path, prompts: list[str], n: int) -> l
     for p in prompts:
         ids = base.tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
         out = model.generate(ids, max_new_tokens=n, do_sample=False)
-        outs.append(out[0, ids.shape[1]:].tolist())
+        outs.append(out[0, ids.shape[1] :].tolist())
     return outs
 
 
@@ -38,20 +38,39 @@ def test_cli_adapter_is_served_by_vllm_like_peft(smollm2: BaseModel, tmp_path: P
     save_generator(random_generator(smollm2, std=0.3), tmp_path / "generator")
     (tmp_path / "context.txt").write_text(CONTEXT)
     adapter = tmp_path / "adapter"
-    assert main(["adapt", str(tmp_path / "context.txt"), "--out", str(adapter),
-                 "--generator", str(tmp_path / "generator")]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                str(tmp_path / "context.txt"),
+                "--out",
+                str(adapter),
+                "--generator",
+                str(tmp_path / "generator"),
+            ]
+        )
+        == 0
+    )
 
     apply_vllm_env()
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     prompts = [
-        smollm2.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                              add_generation_prompt=True)
+        smollm2.tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         for q in QUESTIONS
     ]
-    llm = LLM(model=str(smollm2.path), enable_lora=True, max_lora_rank=16, max_loras=2,
-              dtype="float32", max_model_len=1024, seed=0)
+    llm = LLM(
+        model=str(smollm2.path),
+        enable_lora=True,
+        max_lora_rank=16,
+        max_loras=2,
+        dtype="float32",
+        max_model_len=1024,
+        seed=0,
+    )
     params = SamplingParams(temperature=0, max_tokens=20)
     served = llm.generate(prompts, params, lora_request=LoRARequest("a", 1, str(adapter)))
     base = llm.generate(prompts, params)

@@ -18,7 +18,11 @@ async def adapt(request: AdaptRequest, service: AdapterServiceDep) -> AdaptRespo
 
 router.add_api_route("/v1/adapt", adapt, methods=["POST"], response_model=AdaptResponse)
 router.add_api_route(
-    "/adapt", adapt, methods=["POST"], response_model=AdaptResponse, operation_id="adapt_alias",
+    "/adapt",
+    adapt,
+    methods=["POST"],
+    response_model=AdaptResponse,
+    operation_id="adapt_alias",
     summary="Adapt (alias of /v1/adapt)",
 )
 

@@ -77,7 +77,7 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     """OpenAI text completion of a raw prompt (no chat template)."""
     lora = await service.lora(service.adapter_for_model(request.model))
-    ids = service.pipeline.tokenize(request.prompt)
+    ids = service.maker.tokenize(request.prompt)
     options = service.options(request, len(ids))
     if request.stream:
         deltas = await service.stream(ids, options, lora)

@@ -4,23 +4,14 @@ and 4 distinct adapters in flight, measured side by side against one running ser
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import statistics
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+from benchmarks.report import PARAGRAPH, environment
 from clients.client import GenerativeAdapterClient
-from generator import bench as generator_bench
 
-PARAGRAPH = (
-    "The harbour town of Velloran sits on the northern coast of Zorblat, a small planet that "
-    "orbits the star Quenmar. Its fishers sail at dawn across the purple sea, its market opens "
-    "when the second moon rises, and its library keeps the logbooks of every ship since the "
-    "town was founded in 2207. Visitors remember the glass lighthouse and the smell of salt. "
-)
 PROMPT = "Tell me a long story about the harbour and its ships."
 SECTION = "bench serve"
 
@@ -45,9 +36,14 @@ def adapt_latency(client: GenerativeAdapterClient, n: int, paragraphs: int) -> d
             if r.cached is not (series is cached):
                 raise RuntimeError(f"adapt of context {i}: cached={r.cached}, not as expected")
             tokens = r.tokens
-    return {"contexts": n, "context_tokens": tokens, "cold_median_ms": ms(cold),
-            "cached_median_ms": ms(cached), "cold_ms": [round(1000 * x, 1) for x in cold],
-            "cached_ms": [round(1000 * x, 1) for x in cached]}
+    return {
+        "contexts": n,
+        "context_tokens": tokens,
+        "cold_median_ms": ms(cold),
+        "cached_median_ms": ms(cached),
+        "cold_ms": [round(1000 * x, 1) for x in cold],
+        "cached_ms": [round(1000 * x, 1) for x in cached],
+    }
 
 
 def throughput(
@@ -58,8 +54,9 @@ def throughput(
         client.generate(a, PROMPT, max_tokens=1, temperature=0)
 
     def one(i: int) -> int:
-        r = client.generate(adapters[i % len(adapters)], PROMPT, max_tokens=max_tokens,
-                            temperature=0)
+        r = client.generate(
+            adapters[i % len(adapters)], PROMPT, max_tokens=max_tokens, temperature=0
+        )
         return r.usage.completion_tokens
 
     start = time.perf_counter()
@@ -67,25 +64,27 @@ def throughput(
         tokens = sum(pool.map(one, range(requests)))
     seconds = time.perf_counter() - start
     distinct = len({a for a in adapters if a is not None})
-    return {"distinct_adapters": distinct, "requests": requests, "max_tokens": max_tokens,
-            "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+    return {
+        "distinct_adapters": distinct,
+        "requests": requests,
+        "max_tokens": max_tokens,
+        "tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+    }
 
 
-def run(url: str, requests: int = 8, max_tokens: int = 64, contexts: int = 5,
-        paragraphs: int = 4) -> dict:
+def run(
+    url: str, requests: int = 8, max_tokens: int = 64, contexts: int = 5, paragraphs: int = 4
+) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
-    load = os.getloadavg()[0]  # other work on the machine skews every number: record it
+    env = environment()
     with GenerativeAdapterClient(url) as client:
         base = client.models().data[0].id
         adapt = adapt_latency(client, contexts, paragraphs)
         ids = [client.adapt(context=context(100 + i, paragraphs)).adapter_id for i in range(4)]
-        generation = [throughput(client, a, requests, max_tokens)
-                      for a in ([None], ids[:1], ids)]
-    return {"base_model": base, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-            "load_average_1m_at_start": round(load, 2), "adapt": adapt,
-            "generation": generation}
+        generation = [throughput(client, a, requests, max_tokens) for a in ([None], ids[:1], ids)]
+    return {"base_model": base, **env, "adapt": adapt, "generation": generation}
 
 
 def markdown(result: dict) -> str:
@@ -96,22 +95,26 @@ def markdown(result: dict) -> str:
         f"| adapt, cached (same contexts again) | {a['cached_median_ms']} ms |",
     ]
     for g in result["generation"]:
-        who = "base model only" if g["distinct_adapters"] == 0 else (
-            f"{g['distinct_adapters']} distinct adapter{'s' * (g['distinct_adapters'] > 1)}")
-        rows.append(f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
-                    f"| {g['tokens_per_s']} tokens/s |")
-    return "\n".join([
-        "## Server (`genadapter bench serve`)",
-        "",
-        f"{result['base_model']} on {result['machine']}, {result['date']} (1-minute load average "
-        f"{result['load_average_1m_at_start']} at the start: other jobs share these CPUs); "
-        "client-side wall time over HTTP; raw numbers in `benchmarks/serve.json`.",
-        "",
-        "| measurement | result |",
-        "|---|---|",
-        *rows,
-    ])
-
-
-def write(result: dict, json_path: Path, md_path: Path) -> None:
-    generator_bench.write(result, markdown(result), SECTION, json_path, md_path)
+        who = (
+            "base model only"
+            if g["distinct_adapters"] == 0
+            else (f"{g['distinct_adapters']} distinct adapter{'s' * (g['distinct_adapters'] > 1)}")
+        )
+        rows.append(
+            f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
+            f"| {g['tokens_per_s']} tokens/s |"
+        )
+    return "\n".join(
+        [
+            "## Server (`genadapter bench serve`)",
+            "",
+            f"{result['base_model']} on {result['machine']}, {result['date']} (1-minute load "
+            f"average {result['load_average_1m_at_start']} at the start: other jobs share the "
+            "CPUs); "
+            "client-side wall time over HTTP; raw numbers in `benchmarks/serve.json`.",
+            "",
+            "| measurement | result |",
+            "|---|---|",
+            *rows,
+        ]
+    )

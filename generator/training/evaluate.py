@@ -17,18 +17,18 @@ import re
 import string
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from generator.data import DEFAULT_DATA_DIR, QA_SETS, load_split
 from generator.lora import applied
 from generator.model import LoRAFactors
 from generator.pipeline import AdapterPipeline
-from generator.tasks import (
+from generator.training.data import QA_SETS, default_data_dir, load_split
+from generator.training.tasks import (
     PHRASINGS,
     answer_ids,
     by_task,
@@ -46,7 +46,7 @@ BOOTSTRAP_SAMPLES = 2000
 @dataclass
 class EvalConfig:
     out_dir: Path
-    data_dir: Path = DEFAULT_DATA_DIR
+    data_dir: Path = field(default_factory=default_data_dir)
     ppl_window: int | None = None  # W of the Table 2 protocol; default: the generator's window
     ppl_docs: int = 100
     # questions per QA set (in QA_SETS order; one number for all), before keeping the answerable
@@ -79,12 +79,13 @@ class Evaluator:
         return self.pipeline.adapt(text).factors
 
     @torch.no_grad()
-    def nll(self, ids: list[int], score_from: int, factors: LoRAFactors | None
-            ) -> tuple[float, int]:
+    def nll(
+        self, ids: list[int], score_from: int, factors: LoRAFactors | None
+    ) -> tuple[float, int]:
         """Summed negative log-likelihood of ids[score_from + 1:], and how many tokens."""
-        with applied(self.pipeline.lora_layers, factors):
+        with applied(factors):
             logits = self.model(torch.tensor([ids])).logits[0, score_from:-1]
-        target = torch.tensor(ids[score_from + 1:])
+        target = torch.tensor(ids[score_from + 1 :])
         return F.cross_entropy(logits.float(), target, reduction="sum").item(), len(target)
 
     def perplexity(self) -> dict[str, float]:
@@ -93,39 +94,51 @@ class Evaluator:
         predicts the same W - 1 tokens. `other_adapter` applies the adapter of another document:
         what `adapter` gains beyond it is what the adapter stores about its own context."""
         w = self.config.ppl_window or self.pipeline.config.window
-        docs = [self.tok(r["text"], add_special_tokens=False)["input_ids"]
-                for r in load_split(self.config.data_dir, "pretrain", "test")
-                if r["source"] == "wikipedia" and r["lang"] == "en"]
-        pairs = [(ids[:w], ids[w:2 * w]) for ids in docs if len(ids) >= 2 * w]
-        pairs = pairs[:self.config.ppl_docs]
+        docs = [
+            self.tok(r["text"], add_special_tokens=False)["input_ids"]
+            for r in load_split(self.config.data_dir, "pretrain", "test")
+            if r["source"] == "wikipedia" and r["lang"] == "en"
+        ]
+        pairs = [(ids[:w], ids[w : 2 * w]) for ids in docs if len(ids) >= 2 * w]
+        pairs = pairs[: self.config.ppl_docs]
         adapters = [self.adapter(self.tok.decode(c)) for c, _ in tqdm(pairs, desc="adapters")]
         totals: dict[str, list[float]] = {}
         for i, (context, following) in enumerate(tqdm(pairs, desc="perplexity")):
             for task, target in (("completion", following), ("reconstruction", context)):
-                for cond, seq, start, f in (("base", target, 0, None),
-                                            ("in_context", context + target, w, None),
-                                            ("adapter", target, 0, adapters[i]),
-                                            ("other_adapter", target, 0, adapters[i - 1])):
+                for cond, seq, start, f in (
+                    ("base", target, 0, None),
+                    ("in_context", context + target, w, None),
+                    ("adapter", target, 0, adapters[i]),
+                    ("other_adapter", target, 0, adapters[i - 1]),
+                ):
                     _add_nll(totals, f"{task}/{cond}", *self.nll(seq, start, f))
         return {k: math.exp(v[0] / v[1]) for k, v in totals.items()} | {"documents": len(pairs)}
 
     def greedy(self, prompts: list[list[int]], factors: list[LoRAFactors] | None) -> list[str]:
         """Greedy replies to chat `prompts` (token ids); `factors[i]` is applied to prompt i."""
-        ids = greedy_ids(self.pipeline, prompts, factors, self.config.max_new_tokens,
-                         self.config.batch_size)
+        ids = greedy_ids(
+            self.pipeline, prompts, factors, self.config.max_new_tokens, self.config.batch_size
+        )
         return [r.strip() for r in self.tok.batch_decode(ids, skip_special_tokens=True)]
 
     def qa_rows(self, name: str, split: str = "test", examples: int | None = None) -> list[dict]:
         """A seeded sample of a QA split (questions whose answer normalizes to nothing dropped)."""
-        rows = [r for r in load_split(self.config.data_dir, name, split)
-                if any(map(normalize, _answers(r)))]
+        rows = [
+            r
+            for r in load_split(self.config.data_dir, name, split)
+            if any(map(normalize, _answers(r)))
+        ]
         counts = self.config.qa_examples
         n = min(len(rows), examples or counts[QA_SETS.index(name) if len(counts) > 1 else 0])
         return random.Random(self.config.seed).sample(rows, n)
 
     def prompts(self, rows: list[dict], phrasing: str, with_context: bool) -> list[list[int]]:
-        return [chat_ids(self.tok, qa_prompt(r["question"], r["context"] if with_context else None,
-                                             phrasing)) for r in rows]
+        return [
+            chat_ids(
+                self.tok, qa_prompt(r["question"], r["context"] if with_context else None, phrasing)
+            )
+            for r in rows
+        ]
 
     def answerable(self, rows: list[dict], phrasing: str) -> tuple[list[int], list[float]]:
         """Rows the base model answers correctly with the passage in its prompt, and whether it
@@ -175,11 +188,12 @@ class Evaluator:
         nlls: dict[str, list[float]] = {}
         for i in tqdm(sorted(set(adapters)), desc=f"answer nll {name}"):
             question = qa_prompt(rows[i]["question"])
-            for cond, user, f in (("closed_book", question, None),
-                                  ("in_context", qa_prompt(rows[i]["question"], rows[i]["context"]),
-                                   None),
-                                  ("adapter", question, adapter(i)),
-                                  ("other_adapter", question, adapter((i + 1) % len(rows)))):
+            for cond, user, f in (
+                ("closed_book", question, None),
+                ("in_context", qa_prompt(rows[i]["question"], rows[i]["context"]), None),
+                ("adapter", question, adapter(i)),
+                ("other_adapter", question, adapter((i + 1) % len(rows))),
+            ):
                 prompt = chat_ids(self.tok, user)
                 ids = prompt + answer_ids(self.tok, rows[i]["answer"])
                 _add_nll(nlls, cond, *self.nll(ids, len(prompt) - 1, f))
@@ -190,8 +204,12 @@ class Evaluator:
     def cached_greedy(self, prompts: list[list[int]]) -> list[str]:
         """Greedy replies of the base model alone: they do not depend on the generator, so they
         are kept in `baseline_cache` and computed once per base model and prompt."""
-        keys = [hashlib.sha256(f"{self.pipeline.base.name}\0{self.config.max_new_tokens}\0{p}"
-                               .encode()).hexdigest()[:24] for p in prompts]
+        keys = [
+            hashlib.sha256(
+                f"{self.pipeline.base.name}\0{self.config.max_new_tokens}\0{p}".encode()
+            ).hexdigest()[:24]
+            for p in prompts
+        ]
         todo = {k: p for k, p in zip(keys, prompts, strict=True) if k not in self.baseline_cache}
         if todo:
             replies = self.greedy(list(todo.values()), None)
@@ -200,23 +218,23 @@ class Evaluator:
         return [self.baseline_cache[k] for k in keys]
 
     @torch.no_grad()
-    def label_nll(self, user: str, labels: list[str], factors: LoRAFactors | None
-                  ) -> list[float]:
+    def label_nll(self, user: str, labels: list[str], factors: LoRAFactors | None) -> list[float]:
         """Negative log-likelihood of each label as the assistant's answer.
 
         The prompt is read once and each label continues a copy of its KV cache: k-shot prompts
         are long, labels short."""
         prompt = chat_ids(self.tok, user)
         nlls = []
-        with applied(self.pipeline.lora_layers, factors):
+        with applied(factors):
             first = self.model(torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
             for label in labels:
                 answer = answer_ids(self.tok, label)
                 cache = copy.deepcopy(first.past_key_values)
                 rest = self.model(torch.tensor([answer]), past_key_values=cache).logits
                 logits = torch.cat([first.logits[0], rest[0, :-1]])
-                nlls.append(F.cross_entropy(logits.float(), torch.tensor(answer),
-                                            reduction="sum").item())
+                nlls.append(
+                    F.cross_entropy(logits.float(), torch.tensor(answer), reduction="sum").item()
+                )
         return nlls
 
     def choose(self, user: str, labels: list[str], factors: LoRAFactors | None) -> str:
@@ -254,25 +272,34 @@ def _add_nll(totals: dict[str, list[float]], key: str, nll: float, count: int) -
 
 
 @torch.no_grad()
-def greedy_ids(pipeline: AdapterPipeline, prompts: list[list[int]],
-               factors: list[LoRAFactors] | None, max_new_tokens: int, batch_size: int
-               ) -> list[list[int]]:
+def greedy_ids(
+    pipeline: AdapterPipeline,
+    prompts: list[list[int]],
+    factors: list[LoRAFactors] | None,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[list[int]]:
     """Greedy reply ids (up to and including EOS) to chat `prompts`, in left-padded batches;
     `factors[i]` (one adapter per prompt) is applied to prompt i."""
     tok, model = pipeline.base.tokenizer, pipeline.base.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     replies: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch",
-                      leave=False):
-        chunk = prompts[start:start + batch_size]
+    for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", leave=False):
+        chunk = prompts[start : start + batch_size]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
-                            device=model.device)
-        batched = None if factors is None else stack_factors(factors[start:start + batch_size])
-        with applied(pipeline.lora_layers, batched):
-            out = model.generate(ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device
+        )
+        batched = None if factors is None else stack_factors(factors[start : start + batch_size])
+        with applied(batched):
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+            )
         for row in out[:, width:].tolist():
             end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
             replies.append(row[:end])
@@ -287,8 +314,9 @@ def _correct(rows: list[dict], replies: list[str]) -> list[float]:
     return [contains(reply, _answers(r)) for r, reply in zip(rows, replies, strict=True)]
 
 
-def _report_gains(out: dict[str, float], group: str, scores: dict[str, list[float]],
-                  seed: int) -> None:
+def _report_gains(
+    out: dict[str, float], group: str, scores: dict[str, list[float]], seed: int
+) -> None:
     """Accuracy per condition and gain recovered (95% interval) of each adapter condition."""
     out[f"{group}/questions"] = len(scores["closed_book"])
     for cond, values in scores.items():
@@ -302,8 +330,10 @@ def _report_gains(out: dict[str, float], group: str, scores: dict[str, list[floa
 
 def stack_factors(adapters: list[LoRAFactors]) -> LoRAFactors:
     """One batched adapter from per-prompt ones: factor i applies to prompt i."""
-    return {name: (torch.cat([f[name][0] for f in adapters]),
-                   torch.cat([f[name][1] for f in adapters])) for name in adapters[0]}
+    return {
+        name: (torch.cat([f[name][0] for f in adapters]), torch.cat([f[name][1] for f in adapters]))
+        for name in adapters[0]
+    }
 
 
 def normalize(text: str) -> str:
@@ -321,8 +351,9 @@ def contains(reply: str, answers: list[str]) -> float:
     return float(any(f" {a} " in padded for a in map(normalize, answers) if a))
 
 
-def gain_recovered(closed: list[float], adapter: list[float], seed: int = 0
-                   ) -> tuple[float, float, float]:
+def gain_recovered(
+    closed: list[float], adapter: list[float], seed: int = 0
+) -> tuple[float, float, float]:
     """(adapter - closed) / (1 - closed) on questions answered correctly in context, and its
     bootstrap 95% interval over questions. NaN where closed-book already answers them all."""
 
@@ -332,19 +363,28 @@ def gain_recovered(closed: list[float], adapter: list[float], seed: int = 0
         return (a - c) / (1 - c) if c < 1 else math.nan
 
     n, rng = len(closed), random.Random(seed)
-    samples = sorted(g for g in (gain([rng.randrange(n) for _ in range(n)])
-                                 for _ in range(BOOTSTRAP_SAMPLES)) if not math.isnan(g))
+    samples = sorted(
+        g
+        for g in (gain([rng.randrange(n) for _ in range(n)]) for _ in range(BOOTSTRAP_SAMPLES))
+        if not math.isnan(g)
+    )
     if not samples:
         return math.nan, math.nan, math.nan
-    return (gain(list(range(n))), samples[int(0.025 * len(samples))],
-            samples[int(0.975 * len(samples)) - 1])
+    return (
+        gain(list(range(n))),
+        samples[int(0.025 * len(samples))],
+        samples[int(0.975 * len(samples)) - 1],
+    )
 
 
 def evaluate(pipeline: AdapterPipeline, config: EvalConfig) -> dict[str, dict[str, float]]:
     """Run all three measurements; write results.json, results.md and results.png."""
     ev = Evaluator(pipeline, config)
-    results = {"perplexity": ev.perplexity(), **{name: ev.qa(name) for name in QA_SETS},
-               "classification": ev.classification()}
+    results = {
+        "perplexity": ev.perplexity(),
+        **{name: ev.qa(name) for name in QA_SETS},
+        "classification": ev.classification(),
+    }
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (config.out_dir / "results.md").write_text(markdown(results))
@@ -356,8 +396,10 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
     lines = []
     for section, values in results.items():
         lines += [f"### {section}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                  for k, v in values.items()]
+        lines += [
+            f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in values.items()
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -371,8 +413,12 @@ def plot(results: dict[str, dict[str, float]], png: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5))
     for ax, (section, values) in zip(axes, results.items(), strict=True):
-        items = [(k, v) for k, v in values.items() if isinstance(v, float)
-                 and (k.endswith("/gain") or section in ("perplexity", "classification"))]
+        items = [
+            (k, v)
+            for k, v in values.items()
+            if isinstance(v, float)
+            and (k.endswith("/gain") or section in ("perplexity", "classification"))
+        ]
         ax.barh([k for k, _ in items], [v for _, v in items])
         ax.set_title(section + (" (lower is better)" if section == "perplexity" else ""))
         ax.tick_params(axis="y", labelsize=7)

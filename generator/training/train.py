@@ -1,6 +1,6 @@
 """Train the adapter generator: self-supervised (completion + reconstruction), then instructions.
 
-One script from a laptop CPU to many GPUs: `accelerate launch -m generator.cli train ...` gives
+One script from a laptop CPU to many GPUs: `accelerate launch -m genadapter.cli train ...` gives
 DDP; bf16 autocast on GPU; resumable checkpoints; a progress bar; metrics as JSONL + a PNG.
 """
 
@@ -12,7 +12,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,12 +21,12 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from generator.data import DEFAULT_DATA_DIR, PRETRAIN_SOURCES, QA_SETS, load_split
-from generator.evaluate import EvalConfig, Evaluator, greedy_ids
 from generator.lora import applied
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator
-from generator.tasks import (
+from generator.training.data import PRETRAIN_SOURCES, QA_SETS, default_data_dir, load_split
+from generator.training.evaluate import EvalConfig, Evaluator, greedy_ids
+from generator.training.tasks import (
     PHRASINGS,
     answer_ids,
     by_task,
@@ -43,7 +43,7 @@ IGNORE = -100  # label of tokens without loss
 @dataclass
 class TrainConfig:
     out_dir: Path
-    data_dir: Path = DEFAULT_DATA_DIR
+    data_dir: Path = field(default_factory=default_data_dir)
     window: int = 128  # W during training; a shorter window than serving keeps CPU steps cheap
     windows: int = 4  # context windows per self-supervised sequence
     max_context_windows: int = 8  # instruction contexts are cut to this many windows
@@ -117,8 +117,9 @@ def distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token cross-entropy over positions whose label is not IGNORE."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE
+    )
 
 
 class Objective(nn.Module):
@@ -147,18 +148,21 @@ class Objective(nn.Module):
             assert batch.teacher_labels is not None
             with torch.no_grad():
                 teacher = labelled_logits(model, batch.teacher, batch.teacher_labels)
-            with applied(pipeline.lora_layers, factors):
+            with applied(factors):
                 student = labelled_logits(model, batch.target, batch.target_labels)
             loss = distill_loss(student, teacher)
             return {"loss": loss, "distill": loss}
-        with applied(pipeline.lora_layers, factors):
+        with applied(factors):
             logits = model(input_ids=batch.target).logits
         target = lm_loss(logits, batch.target_labels)
         if not completion:  # an instruction, or a single self-supervised window
             return {"loss": target, "reconstruction" if batch.completion else "instruct": target}
         completion_loss = torch.stack(completion).mean()
-        return {"loss": 0.5 * completion_loss + 0.5 * target, "completion": completion_loss,
-                "reconstruction": target}
+        return {
+            "loss": 0.5 * completion_loss + 0.5 * target,
+            "completion": completion_loss,
+            "reconstruction": target,
+        }
 
 
 class BatchSampler:
@@ -174,13 +178,16 @@ class BatchSampler:
         self.sequences: list[list[int]] = []
         for text in self.pretrain_texts():
             ids = tok(text, add_special_tokens=False)["input_ids"]
-            self.sequences += [ids[i:i + span] for i in range(0, len(ids) - span + 1, span)]
+            self.sequences += [ids[i : i + span] for i in range(0, len(ids) - span + 1, span)]
 
     def pretrain_texts(self) -> list[str]:
         """English pretrain documents of the chosen sources, then each chosen QA set's passages."""
         names = self.config.pretrain_texts
-        texts = [r["text"] for r in load_split(self.config.data_dir, "pretrain", "train")
-                 if r["lang"] == "en" and r["source"] in names]  # SmolLM2 is an English model
+        texts = [
+            r["text"]
+            for r in load_split(self.config.data_dir, "pretrain", "train")
+            if r["lang"] == "en" and r["source"] in names
+        ]  # SmolLM2 is an English model
         for name in QA_SETS:
             if name in names:
                 texts += dict.fromkeys(r["context"] for r in self.qa[name])  # unique, in order
@@ -210,7 +217,7 @@ class BatchSampler:
     def context_ids(self, text: str) -> list[int]:
         c = self.config
         ids = self.pipeline.base.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return ids[:c.window * c.max_context_windows]
+        return ids[: c.window * c.max_context_windows]
 
     def instruct(self) -> Batch:
         source = self.source()
@@ -239,8 +246,9 @@ class BatchSampler:
             answers.append(answer_ids(tok, row["answer"]))
         own = [i for i in range(c.batch_size) if self.rng.random() < c.teacher_answers]
         if own:
-            replies = greedy_ids(self.pipeline, [teachers[i] for i in own], None,
-                                 c.teacher_max_tokens, len(own))
+            replies = greedy_ids(
+                self.pipeline, [teachers[i] for i in own], None, c.teacher_max_tokens, len(own)
+            )
             for i, reply in zip(own, replies, strict=True):
                 answers[i] = reply
         batch = self.collate(contexts, *_with_answers(students, answers))
@@ -250,11 +258,14 @@ class BatchSampler:
     def pad(self, targets: list[list[int]], labels: list[list[int]]) -> tuple[Tensor, Tensor]:
         """Right-padded (b, T) ids and labels; padding is never labelled."""
         pad, t = self.pipeline.base.tokenizer.pad_token_id or 0, max(map(len, targets))
-        return (torch.tensor([x + [pad] * (t - len(x)) for x in targets]),
-                torch.tensor([x + [IGNORE] * (t - len(x)) for x in labels]))
+        return (
+            torch.tensor([x + [pad] * (t - len(x)) for x in targets]),
+            torch.tensor([x + [IGNORE] * (t - len(x)) for x in labels]),
+        )
 
-    def collate(self, contexts: list[list[int]], targets: list[list[int]],
-                labels: list[list[int]]) -> Batch:
+    def collate(
+        self, contexts: list[list[int]], targets: list[list[int]], labels: list[list[int]]
+    ) -> Batch:
         """Contexts in windows (b, n, W) with their mask, padded to whole windows (to the
         longest context when it fits one window); targets padded (b, T)."""
         longest = max(map(len, contexts))
@@ -263,21 +274,25 @@ class BatchSampler:
         context = torch.full((len(contexts), n * w), self.pipeline.base.tokenizer.pad_token_id or 0)
         context_mask = torch.zeros_like(context)
         for i, x in enumerate(contexts):
-            context[i, :len(x)] = torch.tensor(x)
-            context_mask[i, :len(x)] = 1
+            context[i, : len(x)] = torch.tensor(x)
+            context_mask[i, : len(x)] = 1
         shape = (len(contexts), n, w)
-        return Batch(context.view(shape), context_mask.view(shape), *self.pad(targets, labels),
-                     False)
+        return Batch(
+            context.view(shape), context_mask.view(shape), *self.pad(targets, labels), False
+        )
 
     def batch(self, step: int) -> tuple[str, Batch]:
         """The batch of `step`: self-supervised first, then mostly instructions."""
-        instruct = (step >= self.config.pretrain_steps
-                    and self.rng.random() >= self.config.instruct_pretrain_mix)
+        instruct = (
+            step >= self.config.pretrain_steps
+            and self.rng.random() >= self.config.instruct_pretrain_mix
+        )
         return ("instruct", self.instruct()) if instruct else ("pretrain", self.pretrain())
 
 
-def _with_answers(prompts: list[list[int]], answers: list[list[int]]
-                  ) -> tuple[list[list[int]], list[list[int]]]:
+def _with_answers(
+    prompts: list[list[int]], answers: list[list[int]]
+) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt + answer ids, and labels that mark the answer tokens only."""
     pairs = list(zip(prompts, answers, strict=True))
     return [p + a for p, a in pairs], [[IGNORE] * len(p) + a for p, a in pairs]
@@ -315,8 +330,9 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
         base.train()  # HF checkpoints only in train mode; Llama has no dropout to switch on
     objective = Objective(pipeline).to(accelerator.device)
     objective.generator.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(objective.generator.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        objective.generator.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     sampler = BatchSampler(pipeline, config, accelerator.process_index)
 
@@ -333,15 +349,26 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
 
     def checkpoint() -> None:
         if accelerator.is_main_process:
-            _save_checkpoint(ckpt_path, {
-                "generator": objective.generator.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "rng": sampler.rng.getstate(),
-                "config": {k: str(v) for k, v in dataclasses.asdict(config).items()}})
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "generator": objective.generator.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "rng": sampler.rng.getstate(),
+                    "config": {k: str(v) for k, v in dataclasses.asdict(config).items()},
+                },
+            )
 
     started = time.monotonic()
     end = min(config.total_steps, config.stop_at or config.total_steps)
-    bar = tqdm(total=config.total_steps, initial=step, desc="train",
-               disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=config.total_steps,
+        initial=step,
+        desc="train",
+        disable=not accelerator.is_main_process,
+    )
     with (out / "metrics.jsonl").open("a") as metrics:
         while step < end:
             t0 = time.monotonic()
@@ -352,17 +379,23 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
             grad_norm = float("nan")
             if torch.isfinite(losses["loss"]):
                 accelerator.backward(losses["loss"])
-                grad_norm = float(accelerator.clip_grad_norm_(objective.generator.parameters(),
-                                                              config.grad_clip))
+                grad_norm = float(
+                    accelerator.clip_grad_norm_(objective.generator.parameters(), config.grad_clip)
+                )
             if grad_norm <= config.skip_grad_norm:  # False for NaN: a degenerate SVD
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = batch.tokens() * accelerator.num_processes / (time.monotonic() - t0)
-            row = {"step": step, "kind": kind, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm, "tokens_per_s": round(tokens_per_s, 1),
-                   **{k: round(v.item(), 4) for k, v in losses.items()}}
+            row = {
+                "step": step,
+                "kind": kind,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens_per_s": round(tokens_per_s, 1),
+                **{k: round(v.item(), 4) for k, v in losses.items()},
+            }
             if accelerator.is_main_process:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -372,8 +405,10 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
                 scores = validate(pipeline, config)
                 metrics.write(json.dumps({"step": step, "kind": "validation", **scores}) + "\n")
                 metrics.flush()
-                bar.write(f"step {step}: validation gain recovered {scores['gain']:.1f}% "
-                          f"(another passage's adapter {scores['other_gain']:.1f}%)")
+                bar.write(
+                    f"step {step}: validation gain recovered {scores['gain']:.1f}% "
+                    f"(another passage's adapter {scores['other_gain']:.1f}%)"
+                )
             if step % config.checkpoint_every == 0 or step == end:
                 checkpoint()
             if config.max_minutes and time.monotonic() - started > 60 * config.max_minutes:
@@ -395,13 +430,20 @@ def validate(pipeline: AdapterPipeline, config: TrainConfig) -> dict[str, float]
     generator = pipeline.generator
     was_training = generator.training
     generator.eval()
-    evaluator = Evaluator(pipeline, EvalConfig(out_dir=config.out_dir, data_dir=config.data_dir,
-                                               qa_examples=(config.eval_examples,)))
+    evaluator = Evaluator(
+        pipeline,
+        EvalConfig(
+            out_dir=config.out_dir, data_dir=config.data_dir, qa_examples=(config.eval_examples,)
+        ),
+    )
     scores: dict[str, float] = {}
     for name in QA_SETS:
         result = evaluator.qa(name, split="validation")
-        scores |= {f"{name}/{k}": round(v, 3) for k, v in result.items()
-                   if k.endswith(("/gain", "answer_nll", "answerable"))}
+        scores |= {
+            f"{name}/{k}": round(v, 3)
+            for k, v in result.items()
+            if k.endswith(("/gain", "answer_nll", "answerable"))
+        }
     generator.train(was_training)
     for key, cond in (("gain", "/adapter/gain"), ("other_gain", "/other_adapter/gain")):
         values = [v for k, v in scores.items() if k.endswith(cond) and not math.isnan(v)]
@@ -433,7 +475,7 @@ def plot_losses(metrics_file: Path, png: Path, smooth: int = 20) -> None:
         if not points:
             continue
         steps, values = zip(*points, strict=True)
-        spans = [values[max(0, i - smooth + 1):i + 1] for i in range(len(values))]
+        spans = [values[max(0, i - smooth + 1) : i + 1] for i in range(len(values))]
         ax.plot(steps, [sum(s) / len(s) for s in spans], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")

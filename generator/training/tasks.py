@@ -43,8 +43,9 @@ def by_task(rows: list[dict]) -> dict[str, list[dict]]:
     return pool
 
 
-def sample_demos(pool: dict[str, list[dict]], task: str, k: int, rng: random.Random,
-                 exclude: str | None = None) -> list[dict]:
+def sample_demos(
+    pool: dict[str, list[dict]], task: str, k: int, rng: random.Random, exclude: str | None = None
+) -> list[dict]:
     """k demonstrations of `task` from `pool`, never the example being asked about."""
     candidates = [r for r in pool[task] if r["input"] != exclude]
     return rng.sample(candidates, min(k, len(candidates)))
@@ -57,6 +58,10 @@ def answer_ids(tokenizer: PreTrainedTokenizerBase, answer: str) -> list[int]:
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, user: str) -> list[int]:
     """Token ids of a one-turn chat, ready for the assistant's answer."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
-                                        add_generation_prompt=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
     return list(ids)

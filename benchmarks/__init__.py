@@ -1,0 +1,2 @@
+"""`genadapter bench ...`: the benchmarks and their results (JSON here, tables in
+BENCHMARKS.md)."""

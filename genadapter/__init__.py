@@ -1,0 +1,2 @@
+"""`genadapter`: the command line, on top of the generator, its training, the server and the
+benchmarks."""

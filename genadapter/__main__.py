@@ -1,0 +1,5 @@
+import sys
+
+from genadapter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,87 @@
+"""The generator as the server uses it: text and token ids in, an adapter's files out.
+
+This is the one interface between serving and the torch code; no tensor crosses it. What it
+returns is everything a stored adapter needs, together: the PEFT weights and config that vLLM
+loads, and the raw state that extending the adapter later continues from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from generator.base_model import BaseModelError, cache_root
+from generator.lora import write_peft_folder
+from generator.pipeline import (
+    AdapterPipeline,
+    EmptyContextError,
+    GeneratorError,
+    adapter_id,
+    load_pipeline,
+    state_from_bytes,
+)
+
+__all__ = [
+    "AdapterMaker",
+    "BaseModelError",
+    "EmptyContextError",
+    "GeneratorError",
+    "MadeAdapter",
+    "cache_root",
+    "load_maker",
+]
+
+
+@dataclass(frozen=True)
+class MadeAdapter:
+    """One adapter's files: what is stored, served and extended, always kept together."""
+
+    peft: bytes  # adapter_model.safetensors
+    peft_config: str  # adapter_config.json of the generator that made it
+    state: bytes  # raw S and token count: what extending it continues from
+    tokens: int  # context tokens it has read, its parents' included
+
+    def write(self, folder: Path) -> Path:
+        """A PEFT folder (what vLLM and PEFT load), written atomically."""
+        return write_peft_folder(folder, self.peft, self.peft_config)
+
+
+class AdapterMaker:
+    """Tokenizes like the base model, and turns token ids into a MadeAdapter."""
+
+    def __init__(self, pipeline: AdapterPipeline) -> None:
+        self._pipeline = pipeline
+        self.base_model = pipeline.base.name  # what users and the engine call it
+        self.base_model_path = pipeline.base.path  # the Hugging Face folder the engine serves
+        self.fingerprint = pipeline.fingerprint  # generator + base model: part of adapter ids
+        self.lora_rank = pipeline.config.lora_rank
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._pipeline.tokenize(text)
+
+    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """Messages in the base model's chat template."""
+        return self._pipeline.base.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def adapter_id(self, context: str, parent: str | None = None) -> str:
+        return adapter_id(self.fingerprint, context, parent)
+
+    def make(self, ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
+        """The adapter of `ids`, continuing `parent_state` (a MadeAdapter.state) if given."""
+        state, tokens = (None, 0) if parent_state is None else state_from_bytes(parent_state)
+        adapter = self._pipeline.adapt_ids(ids, state, tokens)
+        return MadeAdapter(
+            adapter.peft_bytes(),
+            self._pipeline.peft_config(),
+            adapter.state_bytes(),
+            adapter.tokens,
+        )
+
+
+def load_maker(
+    base_model: str | Path | None = None, generator_dir: Path | None = None
+) -> AdapterMaker:
+    """The base model and a generator (default: the shipped one) behind the narrow interface."""
+    return AdapterMaker(load_pipeline(base_model, generator_dir))

@@ -1,0 +1,1 @@
+"""Training the generator: the data step, prompt formats, the training loop and evaluation."""
