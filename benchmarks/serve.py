@@ -7,6 +7,7 @@ import logging
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from benchmarks.report import PARAGRAPH, environment
@@ -26,7 +27,9 @@ def ms(seconds: list[float]) -> float:
 
 
 def adapt_latency(client: GenerativeAdapterClient, n: int, paragraphs: int) -> dict:
-    cold, cached, tokens = [], [], 0
+    cold: list[float] = []
+    cached: list[float] = []
+    tokens = 0
     for i in range(n):
         text = context(i, paragraphs)
         for series in (cold, cached):
@@ -47,7 +50,10 @@ def adapt_latency(client: GenerativeAdapterClient, n: int, paragraphs: int) -> d
 
 
 def throughput(
-    client: GenerativeAdapterClient, adapters: list[str | None], requests: int, max_tokens: int
+    client: GenerativeAdapterClient,
+    adapters: Sequence[str | None],
+    requests: int,
+    max_tokens: int,
 ) -> dict:
     """`requests` concurrent greedy generations, spread round-robin over `adapters`."""
     for a in set(adapters):  # warm up: vLLM loads each adapter once, not timed

@@ -75,7 +75,7 @@ class GenerativeAdapterClient:
         parent: str | None = None,
     ) -> AdaptResponse:
         """Make (or find) the adapter of one of: a text, a chat history, documents."""
-        msgs = None if messages is None else [ChatMessage(**m) for m in messages]  # type: ignore[arg-type]
+        msgs = None if messages is None else [ChatMessage.model_validate(m) for m in messages]
         request = AdaptRequest(context=context, messages=msgs, documents=documents, parent=parent)
         return self._call("POST", "/v1/adapt", AdaptResponse, request)
 
@@ -90,8 +90,8 @@ class GenerativeAdapterClient:
         """OpenAI chat completion; `model` is an adapter id or the base model's name."""
         request = ChatCompletionRequest(
             model=model,
-            messages=[ChatMessage(**m) for m in messages],
-            **sampling,  # type: ignore[arg-type]
+            messages=[ChatMessage.model_validate(m) for m in messages],
+            **sampling,
         )
         return self._call("POST", "/v1/chat/completions", ChatCompletionResponse, request)
 

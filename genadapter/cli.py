@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from generator.base_model import BaseModelError, load_base_model
 from generator.maker import load_maker
@@ -92,8 +92,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(markdown(evaluate(pipeline, config)))
 
 
-def settings_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """Server settings given as flags; the others come from GENADAPTER_* or their defaults."""
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Server settings given as flags (as argparse parsed them; Settings validates them); the
+    others come from GENADAPTER_* or their defaults."""
     from server.settings import Settings
 
     return {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -106,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from server.settings import Settings
 
     try:
-        settings = Settings(**settings_overrides(args))  # type: ignore[arg-type]
+        settings = Settings(**settings_overrides(args))
     except ValidationError as e:
         raise SystemExit(f"genadapter serve: error: {e}") from e
     serve(settings)

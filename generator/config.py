@@ -7,14 +7,36 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from typing_extensions import Unpack
 
 CONFIG_FILE = "generator_config.json"
 WEIGHTS_FILE = "generator.safetensors"
 
 Normalization = Literal["svd", "frobenius"]
+
+
+class ConfigOverrides(TypedDict, total=False):
+    """GeneratorConfig fields that `for_base_model` scales or defaults, set by the caller."""
+
+    layer_prefix: str
+    inner_size: int
+    rank: int
+    alpha: float
+    window: int
+    normalization: Normalization
+    rms_norm_eps: float
+
+
+class GeneratorOptions(ConfigOverrides, total=False):
+    """Everything `for_base_model` takes besides the model and its name."""
+
+    target_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -61,14 +83,14 @@ class GeneratorConfig:
     @classmethod
     def for_base_model(
         cls,
-        model: nn.Module,
+        model: PreTrainedModel,
         base_model: str,
         target_modules: tuple[str, ...] = ("o_proj",),
-        **overrides: object,
+        **overrides: Unpack[ConfigOverrides],
     ) -> GeneratorConfig:
         """Scale the paper's sizes (d=4096: d_r=1024, r=128, alpha=64) to `model`'s hidden size."""
         cfg = model.config
-        d = cfg.hidden_size
+        d: int = cfg.hidden_size
         inner = overrides.pop("inner_size", None) or 2 ** round(math.log2(d / 4))
         layer0 = model.model.layers[0]
         modules: dict[str, tuple[int, int]] = {}
@@ -82,7 +104,7 @@ class GeneratorConfig:
         missing = set(target_modules) - set(modules)
         if missing:
             raise ValueError(f"target modules {sorted(missing)} not found in {base_model}'s layers")
-        defaults: dict[str, object] = {
+        defaults: ConfigOverrides = {
             "inner_size": inner,
             "rank": min(max(inner // 8, 8), 256),
             "alpha": inner / 16,
@@ -95,7 +117,7 @@ class GeneratorConfig:
             num_layers=cfg.num_hidden_layers,
             modules=modules,
             module_paths=paths,
-            **defaults,  # type: ignore[arg-type]
+            **defaults,
         )
 
     def module_names(self) -> list[str]:

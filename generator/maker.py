@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from generator.base_model import BaseModelError, cache_root
 from generator.lora import write_peft_folder
@@ -61,9 +62,10 @@ class AdapterMaker:
 
     def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         """Messages in the base model's chat template."""
-        return self._pipeline.base.tokenizer.apply_chat_template(
+        text = self._pipeline.base.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+        return cast(str, text)  # tokenize=False: the rendered text (typed as any of its results)
 
     def adapter_id(self, context: str, parent: str | None = None) -> str:
         return adapter_id(self.fingerprint, context, parent)

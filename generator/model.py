@@ -11,6 +11,9 @@ The paper's math (docs/design.md), per decoder layer and target module:
 
 from __future__ import annotations
 
+import threading
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,6 +27,7 @@ SVD_SEED = 0  # svd_lowrank is randomized; a fixed seed makes adapters bit-repro
 # Singular values below this fraction of the largest are float32 rounding (~1e-7 measured),
 # not context (>= 5e-3 measured on 64- to 1,000-token contexts).
 RANK_RTOL = 1e-4
+_GLOBAL_RNG = threading.Lock()
 
 
 class ModuleGenerator(nn.Module):
@@ -82,8 +86,9 @@ def _svd_factors(s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 def _seeded_svd_lowrank(
     matrix: Tensor, q: int, devices: list[torch.device]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """torch.svd_lowrank under SVD_SEED."""
-    with torch.random.fork_rng(devices=devices):
+    """torch.svd_lowrank under SVD_SEED. It draws from torch's global generator, so one thread
+    at a time: another thread seeding it mid-draw would change this adapter."""
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=devices):
         torch.manual_seed(SVD_SEED)
         return torch.svd_lowrank(matrix, q=q, niter=2)
 
@@ -106,10 +111,15 @@ class AdapterGenerator(nn.Module):
         )
         self.names = c.module_names()  # full names, in (layer, module) order
 
+    def _generator(self, layer: int, module: str) -> ModuleGenerator:
+        """self.layers[layer][module]: __init__ makes each layer a ModuleDict of ModuleGenerators,
+        which nn.ModuleList and nn.ModuleDict type only as nn.Module."""
+        return cast(ModuleGenerator, cast(nn.ModuleDict, self.layers[layer])[module])
+
     def _items(self) -> list[tuple[str, int, ModuleGenerator]]:
         per_layer = len(self.config.modules)
         return [
-            (name, i // per_layer, self.layers[i // per_layer][name.rsplit(".", 1)[-1]])
+            (name, i // per_layer, self._generator(i // per_layer, name.rsplit(".", 1)[-1]))
             for i, name in enumerate(self.names)
         ]
 

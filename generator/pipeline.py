@@ -8,15 +8,19 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
 from generator.base_model import BaseModel, load_base_model
-from generator.config import WEIGHTS_FILE, GeneratorConfig
+from generator.config import WEIGHTS_FILE, GeneratorConfig, GeneratorOptions
 from generator.lora import applied, attach_lora_layers, peft_bytes, peft_config
 from generator.model import AdapterGenerator, LoRAFactors, State, add_states
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +154,9 @@ class AdapterPipeline:
         return peft_config(self.config, str(self.base.path))
 
 
-def new_generator(base: BaseModel, seed: int = 0, **overrides: object) -> AdapterGenerator:
+def new_generator(
+    base: BaseModel, seed: int = 0, **overrides: Unpack[GeneratorOptions]
+) -> AdapterGenerator:
     """An untrained generator sized for `base` (its adapters are exactly zero)."""
     torch.manual_seed(seed)
     return AdapterGenerator(GeneratorConfig.for_base_model(base.model, base.name, **overrides))

@@ -13,21 +13,22 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from generator.maker import AdapterMaker, MadeAdapter
 from server.errors import EngineUnavailable, InvalidAdapterId
-from server.protocol import ADAPTER_ID_PATTERN
+from server.protocol import ADAPTER_ID_PATTERN, FinishReason
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_LORA_INT_ID = 2**31 - 1
 # vLLM's max_lora_rank accepts only these values; an adapter's rank may be any up to it.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VllmLoraRank = Literal[8, 16, 32, 64, 128, 256, 320, 512]
+VLLM_LORA_RANKS: tuple[VllmLoraRank, ...] = get_args(VllmLoraRank)
 _ADAPTER_ID = re.compile(ADAPTER_ID_PATTERN)
 
 
@@ -41,12 +42,25 @@ def check_adapter_id(adapter_id: str) -> str:
     return adapter_id
 
 
-def vllm_rank(rank: int) -> int:
+def vllm_rank(rank: int) -> VllmLoraRank:
     """The smallest max_lora_rank vLLM accepts that holds `rank`."""
     for r in VLLM_LORA_RANKS:
         if r >= rank:
             return r
     raise ValueError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
+
+
+def finish_reason(reason: str | None) -> FinishReason:
+    """vLLM's finish reason (a plain str), checked to be one the wire format carries.
+
+    vLLM reports "stop", "length" and "abort" for our requests; its other reasons ("error" for
+    a failure inside the engine, "repetition" with repetition detection on) end no generation
+    we can report, so they fail here as the engine's error.
+    """
+    match reason:
+        case None | "stop" | "length" | "abort":
+            return reason
+    raise RuntimeError(f"the engine finished the request with reason {reason!r}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,7 @@ class Delta:
 
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None
+    finish_reason: FinishReason = None
 
 
 class Engine(Protocol):
@@ -81,7 +95,7 @@ class Engine(Protocol):
 
     def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Stream the new text and token ids of one request (an async generator)."""
         ...
 
@@ -163,7 +177,7 @@ class VllmEngine:
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
@@ -178,12 +192,14 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
         )
         request = None if lora is None else LoRARequest(lora.name, lora.int_id, str(lora.path))
-        stream = self.llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=request
-        )
+        # vLLM marks TokensPrompt's other keys typing.NotRequired, which does not exist under
+        # mypy's python_version 3.10, so mypy takes them as required.
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)  # type: ignore[typeddict-item]
+        stream = self.llm.generate(prompt, params, request_id, lora_request=request)
         async for out in stream:
             c = out.outputs[0]
-            yield Delta(c.text, list(c.token_ids), c.finish_reason if out.finished else None)
+            reason = finish_reason(c.finish_reason) if out.finished else None
+            yield Delta(c.text, list(c.token_ids), reason)
 
     async def check_health(self) -> None:
         try:

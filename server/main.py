@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from fastapi import FastAPI
 
@@ -38,9 +39,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        adapter_maker = maker or await asyncio.to_thread(
-            load_maker, settings.base_model, settings.generator
-        )
+        adapter_maker = maker
+        if adapter_maker is None:
+            adapter_maker = await asyncio.to_thread(
+                load_maker, settings.base_model, settings.generator
+            )
         adapter_store = store or open_store(settings)
         log.info("starting the engine for %s", adapter_maker.base_model_path)
         engine = engine_factory(settings, adapter_maker)
@@ -59,7 +62,7 @@ def create_app(
     app = FastAPI(
         title="Generative Adapter server",
         summary="A context becomes a LoRA adapter in one forward pass; served by vLLM.",
-        version="0.1.0",
+        version=version("generative-adapter"),  # pyproject.toml's, the one place it is written
         lifespan=lifespan,
     )
     install_error_handlers(app)

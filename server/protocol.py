@@ -62,7 +62,8 @@ class UsageInfo(OpenAIModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length"] | None
+# "abort": the engine stopped the request (as vLLM's own OpenAI server passes it through).
+FinishReason = Literal["stop", "length", "abort"] | None
 
 
 class SamplingFields(OpenAIModel):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -29,12 +29,13 @@ from server.protocol import (
     AdaptRequest,
     AdaptResponse,
     ChatMessage,
+    FinishReason,
     SamplingFields,
     new_id,
     now,
 )
 from server.settings import Settings
-from server.store import AdapterStore, StoredAdapter
+from server.store import AdapterStore, Listed, StoredAdapter
 
 
 class AdapterService:
@@ -148,7 +149,7 @@ class AdapterService:
             raise AdapterNotFound(f"adapter {aid} not found")
         return True
 
-    async def list(self) -> list[AdapterInfo]:
+    async def list(self) -> list[Listed]:
         return await self.store.list()
 
 
@@ -156,7 +157,7 @@ class AdapterService:
 class Completion:
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason
     prompt_tokens: int
 
 
@@ -236,7 +237,7 @@ class GenerationService:
 
     async def stream(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         """Start a generation and wait for its first output, so that failures to start raise
         here (an HTTP error) rather than inside a response already sent."""
         deltas = self.engine.generate(prompt_ids, options, lora, new_id("req"))
@@ -245,13 +246,13 @@ class GenerationService:
             first = await anext(deltas, None)
         except BaseException as e:
             metrics.REQUESTS_IN_FLIGHT.dec()
-            await deltas.aclose()  # type: ignore[attr-defined]
+            await deltas.aclose()
             raise_engine_error(e)
         return self._rest(deltas, first, "base" if lora is None else "adapter")
 
     async def _rest(
-        self, deltas: AsyncIterator[Delta], first: Delta | None, kind: str
-    ) -> AsyncIterator[Delta]:
+        self, deltas: AsyncGenerator[Delta, None], first: Delta | None, kind: str
+    ) -> AsyncGenerator[Delta, None]:
         try:
             if first is not None:
                 metrics.GENERATED_TOKENS.labels(kind).inc(len(first.token_ids))
@@ -263,7 +264,7 @@ class GenerationService:
             raise_engine_error(e)
         finally:
             metrics.REQUESTS_IN_FLIGHT.dec()
-            await deltas.aclose()  # type: ignore[attr-defined]
+            await deltas.aclose()
 
     async def complete(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None

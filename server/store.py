@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
@@ -236,7 +236,7 @@ class RedisStore(AdapterStore):
 
     async def put(self, adapter: StoredAdapter) -> None:
         a, aid = adapter.adapter, adapter.info.id
-        values = {
+        values: dict[str, bytes | str] = {
             "peft": a.peft,
             "config": a.peft_config,
             "state": a.state,
@@ -271,7 +271,10 @@ class RedisStore(AdapterStore):
                     p.zrem(self.created_key, *expired)
                     await p.execute()
             rows = await self.redis.zrange(self.created_key, 0, -1, withscores=True)
-        return [Listed(aid.decode(), int(created)) for aid, created in rows]
+        # redis-py types every zrange alike; withscores=True gives (member, float score) tuples
+        # (its default legacy_responses shape), members bytes since this client does not decode.
+        pairs = cast(list[tuple[bytes, float]], rows)
+        return [Listed(aid.decode(), int(created)) for aid, created in pairs]
 
     @contextlib.asynccontextmanager
     async def lock(self, adapter_id: str) -> AsyncIterator[None]:

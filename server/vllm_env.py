@@ -4,6 +4,7 @@ without a GPU) and its cache under ours. What the environment already sets wins.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from generator.maker import cache_root
 
@@ -18,12 +19,19 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def engine_dtype(dtype: str) -> str:
+# The dtypes vLLM's engine takes by name (its ModelDType, less "auto", which we resolve).
+EngineDType = Literal["half", "float16", "bfloat16", "float", "float32"]
+
+
+def engine_dtype(dtype: str) -> EngineDType:
     """`auto`: bfloat16 on a GPU; float32 on a CPU, where bf16 matmuls are slow without the
-    matrix units most CPUs lack."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if has_gpu() else "float32"
+    matrix units most CPUs lack. Another name passes if vLLM takes it."""
+    match dtype:
+        case "auto":
+            return "bfloat16" if has_gpu() else "float32"
+        case "half" | "float16" | "bfloat16" | "float" | "float32":
+            return dtype
+    raise ValueError(f"Unknown dtype: {dtype!r}")
 
 
 def apply_vllm_env(kv_cache_gib: float) -> None:

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import redis.asyncio as aioredis
+import redis
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from generator.base_model import BaseModel, load_base_model
-from generator.config import GeneratorConfig
+from generator.config import GeneratorConfig, GeneratorOptions
 from generator.model import AdapterGenerator
 from generator.pipeline import AdapterPipeline
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 TEXT = (
     "The river Quenmar flows north through the valley of Velloran. Farmers there grow purple "
@@ -29,7 +33,7 @@ BROWN = "A Brown corpus sample. " * 50
 def write_data(folder: Path) -> Path:
     """Train and validation splits of every source, each a few rows about TEXT."""
     folder.mkdir(parents=True)
-    rows = {
+    rows: dict[str, list[dict[str, object]]] = {
         "pretrain": [
             {"text": TEXT, "lang": "en", "source": "wikipedia"},
             {"text": "Ein deutscher Text. " * 50, "lang": "de", "source": "wikipedia"},
@@ -110,7 +114,9 @@ def tiny_llama(folder: Path, name: str = "tiny-llama") -> BaseModel:
     return BaseModel(name=name, path=folder, model=model, tokenizer=tokenizer)
 
 
-def random_generator(base: BaseModel, std: float = 0.05, **overrides: object) -> AdapterGenerator:
+def random_generator(
+    base: BaseModel, std: float = 0.05, **overrides: Unpack[GeneratorOptions]
+) -> AdapterGenerator:
     """A generator whose B is random, so its adapters are non-zero (an untrained one is zero)."""
     config = GeneratorConfig.for_base_model(base.model, base.name, **overrides)
     torch.manual_seed(1)
@@ -131,32 +137,32 @@ def tiny_pipeline(tiny_base: BaseModel) -> AdapterPipeline:
     return AdapterPipeline(tiny_base, random_generator(tiny_base, window=16, rank=8, inner_size=32))
 
 
-def require_slow(request: pytest.FixtureRequest, what: str) -> None:
-    """The fast tier must run without the real model and Redis: tests using them say so."""
-    if request.node.get_closest_marker("slow") is None:
-        raise pytest.UsageError(f"{request.node.nodeid} uses {what}: mark it @pytest.mark.slow")
+# Fixtures that need what the fast tier runs without; a test using one must be marked slow.
+SLOW_FIXTURES = {"smollm2": "the real SmolLM2", "prefix": "Redis"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Fail the collection if a test reaches the real model or Redis unmarked."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ())) & SLOW_FIXTURES.keys()
+        if used and item.get_closest_marker("slow") is None:
+            what = " and ".join(SLOW_FIXTURES[f] for f in sorted(used))
+            raise pytest.UsageError(f"{item.nodeid} uses {what}: mark it @pytest.mark.slow")
 
 
 @pytest.fixture(scope="session")
-def _smollm2() -> BaseModel:
+def smollm2() -> BaseModel:
+    """The real SmolLM2-135M-Instruct, loaded once per session."""
     return load_base_model()
 
 
 @pytest.fixture
-def smollm2(request: pytest.FixtureRequest, _smollm2: BaseModel) -> BaseModel:
-    """The real SmolLM2-135M-Instruct, loaded once per session."""
-    require_slow(request, "the real SmolLM2")
-    return _smollm2
-
-
-@pytest.fixture
-async def prefix(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+def prefix() -> Iterator[str]:
     """A fresh Redis key prefix; its keys are deleted afterwards."""
-    require_slow(request, "Redis")
     prefix = f"test-{uuid.uuid4().hex}"
     yield prefix
-    r = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in r.scan_iter(match=f"{prefix}:*")]
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(match=f"{prefix}:*"))
     if keys:
-        await r.delete(*keys)
-    await r.aclose()
+        r.delete(*keys)
+    r.close()

@@ -14,13 +14,13 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from generator.lora import PEFT_WEIGHTS_FILE
+from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from generator.maker import AdapterMaker, MadeAdapter
 from generator.pipeline import AdapterPipeline
 from server.engine import Delta, LoRA, SamplingOptions
@@ -45,7 +45,7 @@ class FakeEngine:
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         self.loras.append(lora)
         if lora is not None:
             assert (lora.path / PEFT_WEIGHTS_FILE).is_file()
@@ -236,19 +236,25 @@ async def test_openai_routes_and_streams(app: App) -> None:
     assert [json.loads(e)["text"] for e in sse_events(r.text)] == [f"{aid}:0 ", f"{aid}:1 "]
 
 
+def metric(text: str, sample: str) -> float:
+    """A sample's value in Prometheus' text format (0 before its first use)."""
+    values = [line.split()[-1] for line in text.splitlines() if line.startswith(sample + " ")]
+    return float(values[0]) if values else 0.0
+
+
 async def test_health_and_metrics(app: App) -> None:
     r = await app.client.get("/health")
     assert (r.status_code, r.json()) == (200, {"ready": True, "engine": "ok", "store": "ok"})
+    before = (await app.client.get("/metrics")).text  # the registry is shared by every test
     await app.adapt(context="metrics")
     await app.adapt(context="metrics")
-    text = (await app.client.get("/metrics")).text
-    for name in (
-        "genadapter_adapt_seconds_bucket",
-        'genadapter_adapt_cache_total{cache="hit"}',
-        "genadapter_adapt_queue_depth",
-        "genadapter_generation_requests_in_flight",
-    ):
-        assert name in text
+    after = (await app.client.get("/metrics")).text
+    for cache in ("hit", "miss"):
+        sample = f'genadapter_adapt_cache_total{{cache="{cache}"}}'
+        assert metric(after, sample) == metric(before, sample) + 1
+        sample = f'genadapter_adapt_seconds_count{{cache="{cache}"}}'
+        assert metric(after, sample) == metric(before, sample) + 1
+    assert metric(after, "genadapter_adapt_queue_depth") == 0  # every adapt left the queue
     app.engine.healthy = False
     r = await app.client.get("/health")
     assert (r.status_code, r.json()["engine"]) == (503, "engine unavailable: fake engine down")
@@ -344,7 +350,8 @@ async def test_request_errors(
 
 
 async def test_stored_adapter_for_another_setup_is_a_clear_409(app: App) -> None:
-    for n, change in enumerate(({"base_model": "other-model"}, {"lora_rank": 64})):
+    changes: list[dict[str, str | int]] = [{"base_model": "other-model"}, {"lora_rank": 64}]
+    for n, change in enumerate(changes):
         aid = f"ga-{n:032x}"
         info = AdapterInfo(
             id=aid,
@@ -361,6 +368,31 @@ async def test_stored_adapter_for_another_setup_is_a_clear_409(app: App) -> None
         r = await app.client.post("/v1/adapt", json={"context": "x", "parent": aid})
         assert_error(r, 409, f"has {field}")
     assert app.engine.loras == []
+
+
+async def test_an_adapter_is_served_with_the_config_it_was_stored_with(app: App) -> None:
+    """vLLM gets the PEFT config made with the weights, not one rebuilt from this server's
+    generator, which may target other modules than the generator that made the adapter."""
+    stored = await app.store.get((await app.adapt(context=CONTEXT))["adapter_id"])
+    assert stored is not None
+    made = stored.adapter
+    config = json.loads(made.peft_config)
+    assert config["target_modules"] == ["o_proj"]
+    other = json.dumps({**config, "target_modules": ["down_proj", "o_proj"]})
+    info = AdapterInfo(
+        id="ga-" + "e" * 32,
+        created_at=0,
+        tokens=1,
+        base_model="tiny-chat-llama",
+        fingerprint="another generator",
+        lora_rank=8,
+    )
+    await app.store.put(StoredAdapter(info, MadeAdapter(made.peft, other, made.state, 1)))
+    r = await app.client.post("/v1/generate", json={"adapter_id": info.id, "prompt": "x"})
+    assert r.status_code == 200, r.text
+    lora = app.engine.loras[-1]
+    assert lora is not None
+    assert (lora.path / PEFT_CONFIG_FILE).read_text() == other
 
 
 async def test_failed_generation_leaves_nothing(
@@ -389,7 +421,7 @@ async def test_engine_failures(app: App) -> None:
     assert json.loads(events[0])["text"] == f"{aid}:0 "
     assert "worker died" in json.loads(events[-1])["error"]["message"]
     text = (await app.client.get("/metrics")).text
-    assert "genadapter_generation_requests_in_flight 0.0" in text
+    assert metric(text, "genadapter_generation_requests_in_flight") == 0  # both failures ended
 
 
 # --- Redis down and back -----------------------------------------------------------------------

@@ -98,8 +98,9 @@ def test_train_flags_override_only_what_they_name(
         ["train", "--out", str(tmp_path), "--lr", "0.5", "--instruct-weights", "1", "0", "0"]
     )
     assert train_config(args) == TrainConfig(out_dir=tmp_path, lr=0.5, instruct_weights=[1, 0, 0])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         main(["train", "--help"])
+    assert exited.value.code == 0
     help_text = capsys.readouterr().out
     for field in dataclasses.fields(TrainConfig):  # every setting has a flag
         flag = "--out" if field.name == "out_dir" else "--" + field.name.replace("_", "-")

@@ -288,3 +288,17 @@ def test_download_reuses_kept_archive(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_load_split_missing_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="genadapter data"):
         data.load_split(tmp_path, "qa_rc", "train")
+
+
+def test_data_dir_follows_the_cache_set_after_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GENADAPTER_CACHE set once the module is imported still moves the data (and the
+    training and evaluation defaults); a folder fixed at import time ignored it."""
+    from generator.training.evaluate import EvalConfig
+    from generator.training.train import TrainConfig
+
+    monkeypatch.setenv("GENADAPTER_CACHE", str(tmp_path))
+    assert data.default_data_dir() == tmp_path / "data"
+    assert TrainConfig(out_dir=tmp_path).data_dir == tmp_path / "data"
+    assert EvalConfig(out_dir=tmp_path).data_dir == tmp_path / "data"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from generator.base_model import BaseModel
 from generator.config import GeneratorConfig
 from generator.lora import PEFT_CONFIG_FILE, applied, write_peft_folder
-from generator.model import AdapterGenerator, _svd_factors
+from generator.model import AdapterGenerator, LoRAFactors, State, _svd_factors
 from generator.pipeline import (
     AdapterPipeline,
     EmptyContextError,
@@ -64,6 +65,7 @@ def test_svd_of_a_context_shorter_than_the_rank_keeps_only_its_directions() -> N
         k, v = (torch.randn(1, tokens, 32, requires_grad=True) for _ in range(2))
         u_s, v_s = _svd_factors(k.mT @ v, rank=8)
         ((u_s @ mix_u) * (v_s @ mix_v)).sum().backward()
+        assert k.grad is not None and v.grad is not None
         grads[tokens] = (k.grad.norm() + v.grad.norm()) / tokens**0.5
         if tokens == 3:
             assert torch.count_nonzero(u_s[..., 3:]) == torch.count_nonzero(v_s[..., 3:]) == 0
@@ -102,7 +104,12 @@ def test_extend_equals_one_shot(
     state, tokens = state_from_bytes(tiny_pipeline.adapt_ids(IDS[:32]).state_bytes())
     calls = []
     lora = tiny_pipeline.generator.lora
-    monkeypatch.setattr(tiny_pipeline.generator, "lora", lambda s: calls.append(1) or lora(s))
+
+    def counted_lora(s: State) -> LoRAFactors:
+        calls.append(1)
+        return lora(s)
+
+    monkeypatch.setattr(tiny_pipeline.generator, "lora", counted_lora)
     extended = tiny_pipeline.adapt_ids(IDS[32:] + IDS[:5], state, tokens)
     # S -> LoRA (an SVD per module) once per new window, read with the adapter before it, and
     # once for the result; none for the parent alone, which extending does not need
@@ -112,6 +119,16 @@ def test_extend_equals_one_shot(
         ea, eb = extended.factors[name]
         assert torch.allclose(b @ a, eb @ ea, atol=1e-5)
         assert torch.allclose(whole.state[name], extended.state[name], rtol=1e-5, atol=1e-4)
+
+
+def test_concurrent_adapts_share_the_base_model_safely(tiny_pipeline: AdapterPipeline) -> None:
+    """The LoRA layers hold no adapter (each call passes its own), so adapts of different
+    contexts in parallel threads give exactly the bytes each gives alone."""
+    contexts = [IDS[i:] + IDS[:i] for i in range(0, 48, 6)]
+    alone = [tiny_pipeline.adapt_ids(ids).peft_bytes() for ids in contexts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda ids: tiny_pipeline.adapt_ids(ids).peft_bytes(), contexts))
+    assert together == alone
 
 
 def test_windows_are_read_sequentially(tiny_pipeline: AdapterPipeline) -> None:

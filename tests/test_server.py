@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
 import redis
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from clients import ApiError, GenerativeAdapterClient
 from generator.base_model import BaseModel
@@ -96,7 +98,7 @@ def test_mixed_adapter_batch_equals_per_adapter_runs(server: Server) -> None:
 def test_openai_client_chat_completions_and_models(server: Server) -> None:
     a = server.client.adapt(context=CONTEXT).adapter_id
     oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    messages = [{"role": "user", "content": QUESTION}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
     chat = oai.chat.completions.create(model=a, messages=messages, max_tokens=24, temperature=0)
     expected = server.client.generate(a, QUESTION, max_tokens=24, temperature=0).text
     assert chat.choices[0].message.content == expected
@@ -151,12 +153,13 @@ def test_served_adapter_generates_like_peft(
     aid = server.client.adapt(context=CONTEXT).adapter_id
     stored = redis.Redis.from_url(REDIS_URL)
     weights, config = (stored.get(f"{server.prefix}:adapter:{aid}:{p}") for p in ("peft", "config"))
-    assert weights is not None and config is not None
+    assert isinstance(weights, bytes) and isinstance(config, bytes)  # responses not decoded
     folder = write_peft_folder(tmp_path / "adapter", weights, config.decode())
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 16
     prompt = smollm2.tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
     )
+    prompt = cast(str, prompt)  # tokenize=False: the rendered text (typed as any of its results)
     eos = {smollm2.tokenizer.eos_token_id, *_as_list(smollm2.model.generation_config.eos_token_id)}
 
     def until_eos(ids: list[int]) -> list[int]:

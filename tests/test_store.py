@@ -87,7 +87,7 @@ async def test_failed_factory_stores_nothing(make_store: MakeStore) -> None:
     async def fail() -> StoredAdapter:
         raise RuntimeError("generator crashed")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="generator crashed"):
         await store.get_or_create(a.info.id, fail)
     assert await store.get(a.info.id) is None
     assert await store.list() == []

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
 from generator.base_model import BaseModel
+from generator.model import LoRAFactors
 from generator.pipeline import AdapterPipeline, load_generator, new_generator
 from generator.training.data import QA_SETS
 from generator.training.evaluate import (
@@ -227,8 +229,10 @@ def test_distilled_batches_pair_the_teacher_and_the_student(
 def test_pretrain_texts_choose_the_sources(tiny_base: BaseModel, tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
 
-    def texts(**chosen: tuple[str, ...]) -> list[str]:
-        config = TrainConfig(out_dir=tmp_path / "run", data_dir=data, window=16, **chosen)
+    def texts(pretrain_texts: Sequence[str] = TrainConfig.pretrain_texts) -> list[str]:
+        config = TrainConfig(
+            out_dir=tmp_path / "run", data_dir=data, window=16, pretrain_texts=pretrain_texts
+        )
         pipeline = AdapterPipeline(tiny_base, new_generator(tiny_base, window=16))
         return BatchSampler(pipeline, config, 0).pretrain_texts()
 
@@ -287,9 +291,9 @@ def test_qa_scores_answerable_questions_per_phrasing(
     evaluator = Evaluator(pipeline, config)
     real = evaluator.greedy
 
-    def adapters_only(prompts: list[list[int]], factors: object) -> list[str]:
+    def adapters_only(prompts: list[list[int]], factors: list[LoRAFactors] | None) -> list[str]:
         assert factors is not None, "a base-model reply was generated again"
-        return real(prompts, factors)  # type: ignore[arg-type]
+        return real(prompts, factors)
 
     monkeypatch.setattr(evaluator, "greedy", adapters_only)
     assert evaluator.qa("qa_rc") == result

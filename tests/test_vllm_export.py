@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from genadapter.cli import main
 from generator.base_model import BaseModel
 from generator.pipeline import save_generator
+from server.settings import Settings
 from server.vllm_env import apply_vllm_env
 from tests.conftest import random_generator
 
@@ -23,8 +25,8 @@ CONTEXT = (
 
 
 def peft_greedy(base: BaseModel, adapter: Path, prompts: list[str], n: int) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).eval()
+    base_model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base_model, adapter).eval()
     outs = []
     for p in prompts:
         ids = base.tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids
@@ -52,13 +54,16 @@ def test_cli_adapter_is_served_by_vllm_like_peft(smollm2: BaseModel, tmp_path: P
         == 0
     )
 
-    apply_vllm_env()
+    apply_vllm_env(Settings().kv_cache_gib)
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     prompts = [
-        smollm2.tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        cast(  # tokenize=False: the rendered text (typed as any of its results)
+            str,
+            smollm2.tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
         )
         for q in QUESTIONS
     ]

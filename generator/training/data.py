@@ -100,13 +100,22 @@ def _brown_rows(archive: Path) -> Iterator[Row]:
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
             match = _BROWN_MEMBER_RE.match(member.name)
-            if match and member.isfile():
-                text = brown_text(tar.extractfile(member).read().decode("utf-8"))
+            # extractfile is None only for what is not a file or a link
+            if match and member.isfile() and (file := tar.extractfile(member)) is not None:
+                text = brown_text(file.read().decode("utf-8"))
                 yield (
                     "pretrain",
                     f"brown/{match[1]}",
                     {"text": text, "lang": "en", "source": "brown"},
                 )
+
+
+def _groups(pattern: re.Pattern[str], text: str) -> tuple[str, ...]:
+    """The groups of `pattern` matched at the start of `text`, which must match."""
+    match = pattern.match(text)
+    if match is None:
+        raise ValueError(f"input does not match {pattern.pattern!r}: {text[:80]!r}")
+    return match.groups()
 
 
 _CONFLICTS_RE = re.compile(r"^\s*Question: (.*?)\nContext: (.*)$", re.S)
@@ -119,7 +128,7 @@ def _conflicts_rows(examples: list[dict], task: str) -> Iterator[Row]:
     substitutions, and those near-duplicates must share a split.
     """
     for example in examples:
-        question, context = _CONFLICTS_RE.match(example["input"]).groups()
+        question, context = _groups(_CONFLICTS_RE, example["input"])
         answer = example["target"]
         row = {
             "context": context.strip(),
@@ -139,7 +148,7 @@ _RC_SPAN_TASKS = ("subtask002_quoref_answer_generation", "subtask028_drop_answer
 def _rc_rows(examples: list[dict], task: str) -> Iterator[Row]:
     """Input is 'Passage: ...\\nQuestion: ...' (DROP adds '\\nAnswer type: ...', dropped here)."""
     for example in examples:
-        passage, question = _RC_RE.match(example["input"]).groups()
+        passage, question = _groups(_RC_RE, example["input"])
         answers = [a.removesuffix(".") if task in _RC_SPAN_TASKS else a for a in example["target"]]
         row = {
             "context": passage.strip(),
@@ -244,8 +253,9 @@ def _read_tasks(archive: Path) -> Iterator[tuple[str, list[dict]]]:
     ):
         for member in tar:
             rel = member.name.partition(TASKS_DIR)[2]
-            if member.isfile() and rel in SOURCES:
-                yield rel, json.load(tar.extractfile(member))["examples"]
+            # extractfile is None only for what is not a file or a link
+            if member.isfile() and rel in SOURCES and (file := tar.extractfile(member)) is not None:
+                yield rel, json.load(file)["examples"]
 
 
 def extract(archive: Path, brown: Path, out_dir: Path) -> dict:
@@ -303,7 +313,8 @@ def extract(archive: Path, brown: Path, out_dir: Path) -> dict:
 
 
 def download_archive(downloads: Path) -> Path:
-    """Fetch the bigbench sdist with pip (the only route out of these machines), once.
+    """Fetch the bigbench sdist with pip, once: it comes from a package registry (PyPI), which
+    a machine that reaches no other host can still use.
 
     pip >= 26 rejects this sdist after building its metadata, because bigbench declares a
     direct-URL dependency on bleurt (even with --no-deps), so pip runs from a pinned older wheel.

@@ -19,10 +19,12 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import GenerationMixin
 
 from generator.lora import applied
 from generator.model import LoRAFactors
@@ -101,7 +103,10 @@ class Evaluator:
         ]
         pairs = [(ids[:w], ids[w : 2 * w]) for ids in docs if len(ids) >= 2 * w]
         pairs = pairs[: self.config.ppl_docs]
-        adapters = [self.adapter(self.tok.decode(c)) for c, _ in tqdm(pairs, desc="adapters")]
+        adapters = [
+            self.adapter(cast(str, self.tok.decode(c)))  # one sequence decodes to one str
+            for c, _ in tqdm(pairs, desc="adapters")
+        ]
         totals: dict[str, list[float]] = {}
         for i, (context, following) in enumerate(tqdm(pairs, desc="perplexity")):
             for task, target in (("completion", following), ("reconstruction", context)):
@@ -282,6 +287,7 @@ def greedy_ids(
     """Greedy reply ids (up to and including EOS) to chat `prompts`, in left-padded batches;
     `factors[i]` (one adapter per prompt) is applied to prompt i."""
     tok, model = pipeline.base.tokenizer, pipeline.base.model
+    assert isinstance(model, GenerationMixin)  # a causal LM (AutoModelForCausalLM) generates
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     replies: list[list[int]] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="greedy", unit="batch", leave=False):
@@ -293,7 +299,9 @@ def greedy_ids(
         )
         batched = None if factors is None else stack_factors(factors[start : start + batch_size])
         with applied(batched):
-            out = model.generate(
+            # transformers types generate's self as a Protocol (GenerativePreTrainedModel) that
+            # its own models fail under mypy (hf_device_map, read-only device and dtype)
+            out = model.generate(  # type: ignore[misc]
                 ids,
                 attention_mask=mask,
                 do_sample=False,

@@ -12,14 +12,17 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from generator.lora import applied
 from generator.model import add_states
@@ -49,12 +52,12 @@ class TrainConfig:
     max_context_windows: int = 8  # instruction contexts are cut to this many windows
     batch_size: int = 1
     # self-supervised text: pretrain rows of these sources, and train contexts of these QA sets
-    pretrain_texts: tuple[str, ...] = (*PRETRAIN_SOURCES, *QA_SETS)
+    pretrain_texts: Sequence[str] = (*PRETRAIN_SOURCES, *QA_SETS)
     pretrain_steps: int = 600
     instruct_steps: int = 300
     instruct_pretrain_mix: float = 0.25  # share of self-supervised steps while instruction tuning
     # how often each instruction source is drawn: (*QA_SETS, few-shot classification)
-    instruct_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)
+    instruct_weights: Sequence[float] = (0.35, 0.35, 0.3)  # a list when given as flags
     # QA steps: "distill" matches the base model reading the passage in its prompt (the teacher)
     # at every answer token; "answer" is cross-entropy on the dataset's answer
     qa_objective: str = "distill"
@@ -101,7 +104,7 @@ class Batch:
         return int(self.context_mask.sum() + (self.target_labels != IGNORE).sum())
 
 
-def labelled_logits(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+def labelled_logits(model: PreTrainedModel, ids: Tensor, labels: Tensor) -> Tensor:
     """Logits (N, V) of the positions that predict a labelled token, in row-major order; the
     lm_head (49K x 576 on SmolLM2) runs on those positions only."""
     hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
@@ -240,7 +243,7 @@ class BatchSampler:
             row, phrasing = self.rng.choice(self.qa[source]), self.rng.choice(PHRASINGS)
             ids = self.context_ids(row["context"])
             contexts.append(ids)
-            passage = tok.decode(ids)
+            passage = cast(str, tok.decode(ids))  # one sequence decodes to one str
             students.append(chat_ids(tok, qa_prompt(row["question"], None, phrasing)))
             teachers.append(chat_ids(tok, qa_prompt(row["question"], passage, phrasing)))
             answers.append(answer_ids(tok, row["answer"]))
@@ -300,7 +303,11 @@ def _with_answers(
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return Batch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in fields.items()})
+    # Batch's fields by name: a dict can hold their several types only as Any
+    moved: dict[str, Any] = {
+        k: v.to(device) if isinstance(v, Tensor) else v for k, v in fields.items()
+    }
+    return Batch(**moved)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

@@ -24,6 +24,7 @@ from server.protocol import (
     CompletionResponseChoice,
     CompletionStreamResponse,
     DeltaMessage,
+    FinishReason,
     ModelCard,
     ModelList,
     new_id,
@@ -62,13 +63,13 @@ async def chat_chunks(
     """OpenAI's chunks: the role first, then content deltas, the finish reason on the last."""
     rid, created = new_id("chatcmpl"), now()
 
-    def chunk(delta: DeltaMessage, finish: str | None = None) -> ChatCompletionStreamResponse:
+    def chunk(delta: DeltaMessage, finish: FinishReason = None) -> ChatCompletionStreamResponse:
         choice = ChatCompletionResponseStreamChoice(delta=delta, finish_reason=finish)
         return ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[choice])
 
     yield chunk(DeltaMessage(role="assistant", content=""))
     async for d in deltas:
-        yield chunk(DeltaMessage(content=d.text), d.finish_reason)  # type: ignore[arg-type]
+        yield chunk(DeltaMessage(content=d.text), d.finish_reason)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse)
@@ -87,12 +88,12 @@ async def completions(
                 id=rid,
                 created=created,
                 model=request.model,
-                choices=[CompletionResponseChoice(text=d.text, finish_reason=d.finish_reason)],  # type: ignore[arg-type]
+                choices=[CompletionResponseChoice(text=d.text, finish_reason=d.finish_reason)],
             )
             async for d in deltas
         )
     c = await service.complete(ids, options, lora)
-    choice = CompletionResponseChoice(text=c.text, finish_reason=c.finish_reason)  # type: ignore[arg-type]
+    choice = CompletionResponseChoice(text=c.text, finish_reason=c.finish_reason)
     return CompletionResponse(
         model=request.model, choices=[choice], usage=usage(c.prompt_tokens, len(c.token_ids))
     )
