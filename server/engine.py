@@ -13,15 +13,18 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
+
+from fastapi import Request
 
 from generator.maker import AdapterMaker, MadeAdapter
 from server.errors import EngineUnavailable, InvalidAdapterId
 from server.protocol import ADAPTER_ID_PATTERN, FinishReason
 from server.settings import Settings
+from server.vllm_openai import ChatCompletionRequest, CompletionRequest, OpenAIResult, VllmOpenAI
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,33 @@ class Delta:
     finish_reason: FinishReason = None
 
 
+class OpenAILayer(Protocol):
+    """OpenAI's chat completions and completions on the engine (server/vllm_openai.py)."""
+
+    async def chat(
+        self, request: ChatCompletionRequest, raw: Request | None = None
+    ) -> OpenAIResult: ...
+
+    async def complete(
+        self, request: CompletionRequest, raw: Request | None = None
+    ) -> OpenAIResult: ...
+
+    def add(self, lora: LoRA) -> None:
+        """Requests naming `lora.name` as their model run with it."""
+
+    def remove(self, name: str) -> None: ...
+
+
 class Engine(Protocol):
     """What the server needs from an engine; tests pass a fake one."""
+
+    @property
+    def openai(self) -> OpenAILayer:
+        """OpenAI's endpoints on this engine, once started."""
+        ...
+
+    async def start(self) -> None:
+        """Finish starting (what needs the event loop)."""
 
     def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
@@ -112,9 +140,12 @@ class LoRAFolders:
     pair) moves to the next free integer, so two adapters never share a vLLM slot.
     """
 
-    def __init__(self, root: Path, capacity: int) -> None:
+    def __init__(
+        self, root: Path, capacity: int, on_remove: Callable[[str], None] = lambda _: None
+    ) -> None:
         self.root = root / str(os.getpid())
         self.capacity = capacity
+        self.on_remove = on_remove  # told each adapter id whose folder is gone
         self._loras: OrderedDict[str, LoRA] = OrderedDict()
         self._int_ids: dict[int, str] = {}
 
@@ -145,6 +176,7 @@ class LoRAFolders:
         lora = self._loras.pop(check_adapter_id(adapter_id), None)
         if lora is not None:
             del self._int_ids[lora.int_id]
+            self.on_remove(adapter_id)
             shutil.rmtree(lora.path, ignore_errors=True)
 
     def clear(self) -> None:
@@ -156,8 +188,10 @@ class LoRAFolders:
 class VllmEngine:
     """vLLM's AsyncLLM with LoRA enabled; starts an engine-core and a worker process."""
 
+    openai: OpenAILayer
+
     def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
-        from server.vllm_env import apply_vllm_env, engine_dtype
+        from server.vllm_env import apply_vllm_env, engine_dtype, has_gpu
 
         apply_vllm_env(settings.kv_cache_gib)
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -174,6 +208,11 @@ class VllmEngine:
             seed=0,
         )
         self.llm = AsyncLLM.from_engine_args(args)
+        self._openai_args = (maker.base_model_path, settings.served_model_name or maker.base_model)
+        self._gpu = has_gpu()
+
+    async def start(self) -> None:
+        self.openai = await VllmOpenAI.start(self.llm, *self._openai_args, gpu=self._gpu)
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str

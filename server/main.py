@@ -47,7 +47,10 @@ def create_app(
         adapter_store = store or open_store(settings)
         log.info("starting the engine for %s", adapter_maker.base_model_path)
         engine = engine_factory(settings, adapter_maker)
-        folders = LoRAFolders(settings.shm_dir, capacity=2 * settings.max_cpu_loras)
+        await engine.start()
+        folders = LoRAFolders(
+            settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
+        )
         app.state.settings = settings
         app.state.adapters = AdapterService(adapter_maker, adapter_store, settings)
         app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)

@@ -1,7 +1,9 @@
 """The wire format, typed once; the server and `clients/` both import it.
 
-OpenAI's request and response classes come first, named and ordered as OpenAI's; our own
-additions (adapt, generate, adapter metadata) follow.
+OpenAI's chat completions and completions are served by vLLM's OpenAI layer with vLLM's own
+request classes (server/vllm_openai.py); the OpenAI classes here are the errors, the model list,
+and the typed client's view of a chat completion. Our own additions (adapt, generate, adapter
+metadata) follow.
 """
 
 from __future__ import annotations
@@ -106,54 +108,6 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
-
-
-class DeltaMessage(OpenAIModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatCompletionResponseStreamChoice(OpenAIModel):
-    index: int = 0
-    delta: DeltaMessage
-    finish_reason: FinishReason = None
-    logprobs: None = None
-
-
-class ChatCompletionStreamResponse(OpenAIModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatCompletionResponseStreamChoice]
-
-
-# --- OpenAI: completions ----------------------------------------------------------------------
-
-
-class CompletionRequest(SamplingFields):
-    model: str
-    prompt: str = Field(description="one prompt per request")
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-
-
-class CompletionResponseChoice(OpenAIModel):
-    index: int = 0
-    text: str
-    finish_reason: FinishReason = None
-    logprobs: None = None
-
-
-class CompletionResponse(OpenAIModel):
-    id: str = Field(default_factory=lambda: new_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[CompletionResponseChoice]
-    usage: UsageInfo | None = None
-
-
-CompletionStreamResponse = CompletionResponse  # OpenAI streams the same object, one delta each
 
 
 # --- Our additions: adapters ------------------------------------------------------------------

@@ -28,7 +28,6 @@ from server.protocol import (
     AdapterInfo,
     AdaptRequest,
     AdaptResponse,
-    ChatMessage,
     FinishReason,
     SamplingFields,
     new_id,
@@ -175,9 +174,9 @@ class GenerationService:
         self.settings = settings
         self._materialize_lock = asyncio.Lock()  # one writer per adapter folder
 
-    def adapter_for_model(self, model: str) -> str | None:
-        """OpenAI's `model`: the base model's name (None) or an adapter id."""
-        if model == self.adapters.base_name:
+    def adapter_for_model(self, model: str | None) -> str | None:
+        """OpenAI's `model`: the base model's name or none (None), or an adapter id."""
+        if model is None or model == self.adapters.base_name:
             return None
         if model.startswith("ga-"):
             return check_adapter_id(model)
@@ -207,12 +206,17 @@ class GenerationService:
                 raise AdapterNotFound(f"adapter {aid} not found (expired just now)")
             return self.folders.add(aid, stored.adapter)
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        text = self.maker.chat_text([m.model_dump() for m in messages], add_generation_prompt=True)
-        return self.maker.tokenize(text)
+    async def use_model(self, model: str | None) -> None:
+        """Make OpenAI's `model` ready for the engine's OpenAI layer: an adapter is fetched
+        (404, 409 as for any use) and made known to the layer by its id."""
+        lora = await self.lora(self.adapter_for_model(model))
+        if lora is not None:
+            self.engine.openai.add(lora)
 
     def user_prompt(self, prompt: str) -> list[int]:
-        return self.chat_prompt([ChatMessage(role="user", content=prompt)])
+        """`prompt` as one user turn in the base model's chat template."""
+        message = {"role": "user", "content": prompt}
+        return self.maker.tokenize(self.maker.chat_text([message], add_generation_prompt=True))
 
     def options(
         self, request: SamplingFields, prompt_tokens: int, max_tokens: int | None = None

@@ -16,23 +16,78 @@ import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from fastapi import Request
+from pydantic import BaseModel
+from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from generator.maker import AdapterMaker, MadeAdapter
 from generator.pipeline import AdapterPipeline
 from server.engine import Delta, LoRA, SamplingOptions
-from server.errors import EngineUnavailable
+from server.errors import EngineUnavailable, InvalidRequest
 from server.launch import free_port
 from server.main import create_app
 from server.protocol import AdapterInfo
 from server.settings import Settings
 from server.store import AdapterStore, MemoryStore, RedisStore, StoredAdapter
+from server.vllm_openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    OpenAIResult,
+    VllmOpenAI,
+)
 from tests.conftest import REDIS_URL, random_generator, tiny_llama
 
 CONTEXT = "Zorblat is a small planet. Its capital is Velloran, famous for purple oceans."
+
+
+class Answer(BaseModel):
+    model: str
+    text: str
+
+
+class FakeOpenAI:
+    """Stands in for vLLM's OpenAI layer: answers with the name of the LoRA known for `model`
+    (its folder must exist), as events when asked to stream, or an error for an unknown model."""
+
+    def __init__(self) -> None:
+        self.loras: dict[str, LoRA] = {}
+        self.requests: list[ChatCompletionRequest | CompletionRequest] = []
+
+    def add(self, lora: LoRA) -> None:
+        self.loras[lora.name] = lora
+
+    def remove(self, name: str) -> None:
+        self.loras.pop(name, None)
+
+    async def chat(
+        self, request: ChatCompletionRequest, raw: Request | None = None
+    ) -> OpenAIResult:
+        return self.answer(request)
+
+    async def complete(
+        self, request: CompletionRequest, raw: Request | None = None
+    ) -> OpenAIResult:
+        return self.answer(request)
+
+    def answer(self, request: ChatCompletionRequest | CompletionRequest) -> OpenAIResult:
+        self.requests.append(request)
+        if request.model in self.loras:
+            assert (self.loras[request.model].path / PEFT_WEIGHTS_FILE).is_file()
+        elif request.model != "tiny-chat-llama":
+            return ErrorResponse(error=ErrorInfo(message="unknown", type="NotFound", code=404))
+        answer = Answer(model=str(request.model), text=f"answered by {request.model}")
+        return events(answer) if request.stream else answer
+
+
+async def events(answer: Answer) -> AsyncGenerator[str, None]:
+    yield f"data: {answer.model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 class FakeEngine:
@@ -42,6 +97,10 @@ class FakeEngine:
         self.fail_after: int | None = None  # raise after this many deltas
         self.healthy = True
         self.loras: list[LoRA | None] = []
+        self.openai = FakeOpenAI()
+
+    async def start(self) -> None:
+        return None
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str
@@ -206,34 +265,51 @@ async def test_concurrent_adapts_of_one_context_run_the_generator_once(
     assert len({r["adapter_id"] for r in results}) == 1
 
 
-async def test_openai_routes_and_streams(app: App) -> None:
+async def test_openai_routes_resolve_adapters_for_the_openai_layer(app: App) -> None:
+    """The `model` of a chat or completion request is made ready (fetched from the store, its
+    folder written) and handed to the layer, which answers with vLLM's request classes."""
     aid = (await app.adapt(context=CONTEXT))["adapter_id"]
-    chat = {"model": aid, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-    r = (await app.client.post("/v1/chat/completions", json=chat)).json()
-    assert r["object"] == "chat.completion"
-    assert r["choices"][0]["message"] == {"role": "assistant", "content": f"{aid}:0 {aid}:1 "}
-    assert r["choices"][0]["finish_reason"] == "length"
+    parts = [{"type": "text", "text": "Hi"}]  # content as parts, as guidellm sends it
+    chat = {"model": aid, "messages": [{"role": "user", "content": parts}], "n": 2}
+    r = await app.client.post("/v1/chat/completions", json=chat)
+    assert r.json() == {"model": aid, "text": f"answered by {aid}"}
+    request = app.engine.openai.requests[-1]
+    assert isinstance(request, ChatCompletionRequest) and request.n == 2
 
     r = await app.client.post("/v1/chat/completions", json={**chat, "stream": True})
-    chunks = [json.loads(e) for e in sse_events(r.text)]
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    content = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks)
-    assert content == f"{aid}:0 {aid}:1 "
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert [json.loads(e)["text"] for e in sse_events(r.text)] == [f"answered by {aid}"]
 
-    comp = {"model": "tiny-chat-llama", "prompt": "Once", "max_tokens": 2}
-    r = (await app.client.post("/v1/completions", json=comp)).json()
-    assert (r["object"], r["choices"][0]["text"]) == ("text_completion", "base:0 base:1 ")
-    r = await app.client.post("/v1/completions", json={**comp, "stream": True})
-    assert [json.loads(e)["choices"][0]["text"] for e in sse_events(r.text)] == [
-        "base:0 ",
-        "base:1 ",
-    ]
+    comp = {"model": "tiny-chat-llama", "prompt": ["Once", "Twice"], "logprobs": 1}
+    r = await app.client.post("/v1/completions", json=comp)
+    assert r.json()["text"] == "answered by tiny-chat-llama"
+    request = app.engine.openai.requests[-1]
+    assert isinstance(request, CompletionRequest) and request.prompt == ["Once", "Twice"]
+
+    r = await app.client.post("/v1/completions", json={**comp, "model": "gpt-x"})
+    assert_error(r, 404, "model 'gpt-x' does not exist")  # ours, before the layer
+    await app.client.delete(f"/v1/adapters/{aid}")
+    assert_error(await app.client.post("/v1/chat/completions", json=chat), 404, "not found")
+    assert aid not in app.engine.openai.loras  # its folder went, and the layer forgot it
 
     r = await app.client.post(
-        "/v1/generate", json={"adapter_id": aid, "prompt": "Hi", "max_tokens": 2, "stream": True}
+        "/v1/generate", json={"adapter_id": None, "prompt": "Hi", "max_tokens": 2, "stream": True}
     )
-    assert [json.loads(e)["text"] for e in sse_events(r.text)] == [f"{aid}:0 ", f"{aid}:1 "]
+    assert [json.loads(e)["text"] for e in sse_events(r.text)] == ["base:0 ", "base:1 "]
+
+
+async def test_prompt_logprobs_are_refused_on_a_cpu_engine() -> None:
+    """vLLM's CPU LoRA kernels kill the engine on prompt logprobs: a 400 names the field."""
+    handlers = {f"openai_serving_{name}": None for name in ("chat", "completion", "models")}
+    layer = VllmOpenAI(SimpleNamespace(**handlers), prompt_logprobs=False)
+    asks = [
+        (CompletionRequest(model="m", prompt="x", echo=True, logprobs=0), "echo"),
+        (CompletionRequest(model="m", prompt="x", prompt_logprobs=1), "prompt_logprobs"),
+    ]
+    for request, param in asks:
+        with pytest.raises(InvalidRequest, match="prompt tokens") as refused:
+            await layer.complete(request)
+        assert refused.value.param == param
 
 
 def metric(text: str, sample: str) -> float:
@@ -323,13 +399,6 @@ async def test_malformed_json_is_422(app: App) -> None:
             {"model": "ga-" + "1" * 32, "messages": [{"role": "user", "content": "x"}]},
             404,
             "not found",
-        ),
-        (
-            "POST",
-            "/v1/chat/completions",
-            {"model": "tiny-chat-llama", "messages": []},
-            422,
-            "messages",
         ),
         (
             "POST",

@@ -4,6 +4,9 @@ our client and by the official `openai` client."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,10 +15,14 @@ from pathlib import Path
 from typing import cast
 
 import httpx
+import pydantic
 import pytest
 import redis
-from openai import OpenAI
+from langchain_openai import ChatOpenAI
+from langchain_openai import OpenAI as LangChainOpenAI
+from openai import AsyncOpenAI, BadRequestError, OpenAI
 from openai.types.chat import ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from clients import ApiError, GenerativeAdapterClient
 from generator.base_model import BaseModel
@@ -121,6 +128,112 @@ def test_openai_client_chat_completions_and_models(server: Server) -> None:
 
     ids = [m.id for m in oai.models.list()]
     assert ids[0] == BASE and a in ids
+
+
+def test_openai_client_uses_vllm_openai_features(server: Server) -> None:
+    """What vLLM's OpenAI server accepts, with an adapter as the model: text parts, n > 1,
+    logprobs, a list of prompts, usage in streams, JSON schema outputs, vLLM's extra fields;
+    prompt logprobs are refused with a 400 (they kill vLLM's CPU LoRA path)."""
+    a = server.client.adapt(context=CONTEXT).adapter_id
+    oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    parts: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]}
+    ]
+    chat = oai.chat.completions.create(
+        model=a, messages=parts, max_tokens=8, n=2, seed=1, logprobs=True, top_logprobs=2
+    )
+    assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
+    logprobs = chat.choices[0].logprobs
+    assert logprobs is not None and logprobs.content and len(logprobs.content[0].top_logprobs) == 2
+
+    comp = oai.completions.create(
+        model=a, prompt=["Once upon a time", "The sky is"], max_tokens=4, temperature=0, logprobs=1
+    )
+    assert len(comp.choices) == 2 and comp.choices[1].logprobs is not None
+    with pytest.raises(BadRequestError, match="prompt tokens"):
+        oai.completions.create(model=a, prompt="x", max_tokens=1, logprobs=1, echo=True)
+
+    stream = oai.chat.completions.create(
+        model=a, messages=parts, max_tokens=4, stream=True, stream_options={"include_usage": True}
+    )
+    assert [c.usage for c in stream][-1] is not None
+
+    schema: dict[str, object] = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    }
+    shape: ResponseFormatJSONSchema = {
+        "type": "json_schema",
+        "json_schema": {"name": "city", "schema": schema},
+    }
+    shaped = oai.chat.completions.create(
+        model=a, messages=parts, max_tokens=32, temperature=0, response_format=shape
+    )
+    assert isinstance(json.loads(shaped.choices[0].message.content or "")["city"], str)
+
+    exact = oai.chat.completions.create(
+        model=a, messages=parts, max_tokens=6, extra_body={"ignore_eos": True, "min_tokens": 6}
+    )
+    assert exact.usage is not None and exact.usage.completion_tokens == 6
+
+
+async def test_async_openai_client(server: Server) -> None:
+    a = server.client.adapt(context=CONTEXT).adapter_id
+    oai = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION}]
+    chat = await oai.chat.completions.create(
+        model=a, messages=messages, max_tokens=24, temperature=0
+    )
+    expected = server.client.generate(a, QUESTION, max_tokens=24, temperature=0).text
+    assert chat.choices[0].message.content == expected
+    await oai.close()
+
+
+def test_langchain(server: Server) -> None:
+    """LangChain's chat and completion models: invoke, stream, batch, structured output."""
+    a = server.client.adapt(context=CONTEXT).adapter_id
+    kwargs = {"base_url": f"{server.url}/v1", "api_key": "unused", "model": a, "temperature": 0}
+    chat = ChatOpenAI(**kwargs, max_completion_tokens=24)
+    expected = server.client.generate(a, QUESTION, max_tokens=24, temperature=0).text
+    assert chat.invoke(QUESTION).content == expected
+    assert "".join(str(c.content) for c in chat.stream(QUESTION)) == expected
+    assert [m.content for m in chat.batch([QUESTION, QUESTION])] == [expected, expected]
+
+    class City(pydantic.BaseModel):
+        city: str
+
+    city = chat.with_structured_output(City, method="json_schema").invoke(QUESTION)
+    assert isinstance(city, City) and city.city
+
+    completion = LangChainOpenAI(**kwargs, max_tokens=6)
+    texts = completion.batch(["Once upon a time", "The sky is"])
+    assert len(texts) == 2 and all(texts)
+
+
+def test_guidellm_run_completes_every_request(server: Server, smollm2: BaseModel) -> None:
+    """vLLM's benchmark client (chat content as parts, stream_options, ignore_eos), bounded."""
+    a = server.client.adapt(context=CONTEXT).adapter_id
+    out = server.generator.parent / "guidellm.json"
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "guidellm"),
+            "run",
+            f"--backend=kind=openai_http,target={server.url},model={a}",
+            "--profile=kind=concurrent,streams=2",
+            "--constraint=kind=max_requests,count=4",
+            f"--tokenizer=kind=huggingface_auto,model={smollm2.path}",
+            "--data=kind=synthetic_text,prompt_tokens=32,output_tokens=8",
+            f"--output=kind=json,path={out}",
+            "--disable-console-interactive",
+        ],
+        check=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    state = json.loads(out.read_text())["benchmarks"][0]["scheduler_state"]
+    assert state["errored_requests"] == state["cancelled_requests"] == 0
+    assert state["successful_requests"] == state["processed_requests"] >= 3
 
 
 def test_extend_with_parent(server: Server) -> None:

@@ -1,111 +1,66 @@
-"""OpenAI's wire format: chat completions, completions and the model list.
+"""OpenAI's wire format: chat completions and completions (vLLM's OpenAI layer), the model list.
 
-`model` is the base model's name or an adapter id; the official `openai` client works as is.
+`model` is the base model's name or an adapter id; the service makes the adapter ready, then the
+request goes to vLLM's own handlers, so it means here what it means to vLLM's OpenAI server.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from server.deps import GenerationServiceDep
-from server.engine import Delta
-from server.protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatCompletionResponseChoice,
-    ChatCompletionResponseStreamChoice,
-    ChatCompletionStreamResponse,
-    ChatMessage,
-    CompletionRequest,
-    CompletionResponse,
-    CompletionResponseChoice,
-    CompletionStreamResponse,
-    DeltaMessage,
-    FinishReason,
-    ModelCard,
-    ModelList,
-    new_id,
-    now,
-)
+from server.protocol import ModelCard, ModelList
 from server.routers import ERRORS
-from server.routers.generate import usage
-from server.streaming import sse_response
+from server.vllm_openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    OpenAIResult,
+)
 
 router = APIRouter(tags=["openai"], responses=ERRORS)
+STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or events if stream"}
+}
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", responses=STREAM)
 async def chat_completions(
-    request: ChatCompletionRequest, service: GenerationServiceDep
-) -> ChatCompletionResponse | StreamingResponse:
+    request: ChatCompletionRequest, raw: Request, service: GenerationServiceDep
+) -> Response:
     """OpenAI chat completion with the base model or an adapter (`model`)."""
-    lora = await service.lora(service.adapter_for_model(request.model))
-    ids = service.chat_prompt(request.messages)
-    options = service.options(request, len(ids), request.max_completion_tokens)
-    if request.stream:
-        deltas = await service.stream(ids, options, lora)
-        return sse_response(chat_chunks(deltas, request.model))
-    c = await service.complete(ids, options, lora)
-    choice = ChatCompletionResponseChoice(
-        message=ChatMessage(role="assistant", content=c.text), finish_reason=c.finish_reason
-    )
-    return ChatCompletionResponse(
-        model=request.model, choices=[choice], usage=usage(c.prompt_tokens, len(c.token_ids))
-    )
+    await service.use_model(request.model)
+    return respond(await service.engine.openai.chat(request, raw))
 
 
-async def chat_chunks(
-    deltas: AsyncIterator[Delta], model: str
-) -> AsyncIterator[ChatCompletionStreamResponse]:
-    """OpenAI's chunks: the role first, then content deltas, the finish reason on the last."""
-    rid, created = new_id("chatcmpl"), now()
-
-    def chunk(delta: DeltaMessage, finish: FinishReason = None) -> ChatCompletionStreamResponse:
-        choice = ChatCompletionResponseStreamChoice(delta=delta, finish_reason=finish)
-        return ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[choice])
-
-    yield chunk(DeltaMessage(role="assistant", content=""))
-    async for d in deltas:
-        yield chunk(DeltaMessage(content=d.text), d.finish_reason)
-
-
-@router.post("/v1/completions", response_model=CompletionResponse)
+@router.post("/v1/completions", responses=STREAM)
 async def completions(
-    request: CompletionRequest, service: GenerationServiceDep
-) -> CompletionResponse | StreamingResponse:
-    """OpenAI text completion of a raw prompt (no chat template)."""
-    lora = await service.lora(service.adapter_for_model(request.model))
-    ids = service.maker.tokenize(request.prompt)
-    options = service.options(request, len(ids))
-    if request.stream:
-        deltas = await service.stream(ids, options, lora)
-        rid, created = new_id("cmpl"), now()
-        return sse_response(
-            CompletionStreamResponse(
-                id=rid,
-                created=created,
-                model=request.model,
-                choices=[CompletionResponseChoice(text=d.text, finish_reason=d.finish_reason)],
-            )
-            async for d in deltas
-        )
-    c = await service.complete(ids, options, lora)
-    choice = CompletionResponseChoice(text=c.text, finish_reason=c.finish_reason)
-    return CompletionResponse(
-        model=request.model, choices=[choice], usage=usage(c.prompt_tokens, len(c.token_ids))
-    )
+    request: CompletionRequest, raw: Request, service: GenerationServiceDep
+) -> Response:
+    """OpenAI text completion of raw prompts (no chat template), base model or adapter."""
+    await service.use_model(request.model)
+    return respond(await service.engine.openai.complete(request, raw))
+
+
+def respond(result: OpenAIResult) -> Response:
+    """A handler's result as HTTP, as vLLM's server sends it."""
+    if isinstance(result, ErrorResponse):
+        return JSONResponse(result.model_dump(), status_code=result.error.code)
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(result, media_type="text/event-stream")
 
 
 @router.get("/v1/models")
 async def models(service: GenerationServiceDep) -> ModelList:
     """The base model and every adapter in the store (each usable as `model`)."""
     base = service.adapters.base_name
-    cards = [ModelCard(id=base)]
+    cards = [ModelCard(id=base, parent=None)]
     cards += [
-        ModelCard(id=a.id, created=a.created_at, parent=base)
-        for a in sorted(await service.adapters.list(), key=lambda a: a.created_at)
+        ModelCard(id=a.id, created=a.created_at, parent=base) for a in await service.adapters.list()
     ]
     return ModelList(data=cards)

@@ -1,0 +1,113 @@
+"""OpenAI's chat completions and completions, answered by vLLM's own OpenAI layer.
+
+The clients people use (the `openai` package, LangChain, guidellm) are built against vLLM's
+OpenAI server: its protocol, sampling options, logprobs, structured outputs and streaming.
+Reusing that layer gives them all of it, with no second wire format of ours to keep in step.
+Our part: the `model` of a request may be an adapter id, which the service resolves from the
+store into a LoRA folder that this layer then knows by that name.
+
+It depends on vLLM's entrypoint modules, so vLLM is pinned (pyproject.toml); the integration
+tests drive it with the real clients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from pydantic import BaseModel
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+from server.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from server.engine import LoRA
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "ErrorResponse",
+    "OpenAIResult",
+    "VllmOpenAI",
+]
+
+# What a handler returns: an error, a whole response, or the lines of an event stream.
+OpenAIResult = ErrorResponse | BaseModel | AsyncGenerator[str, None]
+
+
+@contextlib.contextmanager
+def refused_as_400() -> Iterator[None]:
+    """vLLM raises ValueError for a request it refuses (e.g. `n` > 1 with greedy sampling),
+    as its own server answers: a 400 with its message."""
+    try:
+        yield
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from e
+
+
+class VllmOpenAI:
+    """vLLM's chat and completion handlers on a running engine, plus the LoRAs they may use."""
+
+    def __init__(self, state: Any, prompt_logprobs: bool) -> None:
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+        self._models = state.openai_serving_models
+        self._prompt_logprobs = prompt_logprobs
+
+    @classmethod
+    async def start(
+        cls, llm: AsyncLLM, model_path: Path, served_name: str, gpu: bool
+    ) -> VllmOpenAI:
+        """vLLM's OpenAI server state with `vllm serve`'s defaults."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        flags = ["--model", str(model_path), "--served-model-name", served_name]
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
+        state = State()
+        await init_app_state(llm, state, args, supported_tasks=("generate",))
+        # vLLM 0.32's CPU LoRA kernels fail on logprobs of prompt tokens, and the failure kills
+        # the engine: refuse those requests there rather than die.
+        return cls(state, prompt_logprobs=gpu)
+
+    async def chat(
+        self, request: ChatCompletionRequest, raw: Request | None = None
+    ) -> OpenAIResult:
+        self._check(request.prompt_logprobs, request.echo, request.top_logprobs)
+        with refused_as_400():
+            return await self._chat.create_chat_completion(request, raw)
+
+    async def complete(
+        self, request: CompletionRequest, raw: Request | None = None
+    ) -> OpenAIResult:
+        self._check(request.prompt_logprobs, request.echo, request.logprobs)
+        with refused_as_400():
+            return await self._completion.create_completion(request, raw)
+
+    def _check(self, prompt_logprobs: int | None, echo: bool | None, logprobs: int | None) -> None:
+        """Prompt logprobs are asked for directly, or by `echo` with logprobs (vLLM's rule)."""
+        asked = prompt_logprobs is not None or (bool(echo) and logprobs is not None)
+        if asked and not self._prompt_logprobs:
+            raise InvalidRequest(
+                "logprobs of prompt tokens (prompt_logprobs, or echo with logprobs) are not "
+                "supported on a CPU engine: vLLM's CPU LoRA kernels fail on them",
+                param="prompt_logprobs" if prompt_logprobs is not None else "echo",
+            )
+
+    def add(self, lora: LoRA) -> None:
+        """Requests naming `lora.name` as their model run with it."""
+        from vllm.lora.request import LoRARequest
+
+        self._models.lora_requests[lora.name] = LoRARequest(lora.name, lora.int_id, str(lora.path))
+
+    def remove(self, name: str) -> None:
+        self._models.lora_requests.pop(name, None)
