@@ -72,11 +72,15 @@ class GenerativeAdapterClient:
         *,
         messages: list[dict[str, str]] | None = None,
         documents: list[str] | None = None,
+        compose: list[str] | None = None,
         parent: str | None = None,
     ) -> AdaptResponse:
-        """Make (or find) the adapter of one of: a text, a chat history, documents."""
+        """Make (or find) the adapter of one of: a text, a chat history, documents, or
+        adapters to compose."""
         msgs = None if messages is None else [ChatMessage.model_validate(m) for m in messages]
-        request = AdaptRequest(context=context, messages=msgs, documents=documents, parent=parent)
+        request = AdaptRequest(
+            context=context, messages=msgs, documents=documents, compose=compose, parent=parent
+        )
         return self._call("POST", "/v1/adapt", AdaptResponse, request)
 
     def generate(self, adapter_id: str | None, prompt: str, **sampling: Any) -> GenerateResponse:

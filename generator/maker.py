@@ -14,10 +14,12 @@ from typing import cast
 from generator.base_model import BaseModelError, cache_root
 from generator.lora import write_peft_folder
 from generator.pipeline import (
+    Adapter,
     AdapterPipeline,
     EmptyContextError,
     GeneratorError,
     adapter_id,
+    composed_id,
     load_pipeline,
     state_from_bytes,
 )
@@ -56,6 +58,7 @@ class AdapterMaker:
         self.base_model_path = pipeline.base.path  # the Hugging Face folder the engine serves
         self.fingerprint = pipeline.fingerprint  # generator + base model: part of adapter ids
         self.lora_rank = pipeline.config.lora_rank
+        self.target_modules = sorted(pipeline.config.modules)  # what its adapters change
 
     def tokenize(self, text: str) -> list[int]:
         return self._pipeline.tokenize(text)
@@ -70,16 +73,21 @@ class AdapterMaker:
     def adapter_id(self, context: str, parent: str | None = None) -> str:
         return adapter_id(self.fingerprint, context, parent)
 
+    def composed_id(self, adapter_ids: list[str]) -> str:
+        return composed_id(self.fingerprint, adapter_ids)
+
     def make(self, ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
         """The adapter of `ids`, continuing `parent_state` (a MadeAdapter.state) if given."""
         state, tokens = (None, 0) if parent_state is None else state_from_bytes(parent_state)
-        adapter = self._pipeline.adapt_ids(ids, state, tokens)
-        return MadeAdapter(
-            adapter.peft_bytes(),
-            self._pipeline.peft_config(),
-            adapter.state_bytes(),
-            adapter.tokens,
-        )
+        return self._files(self._pipeline.adapt_ids(ids, state, tokens))
+
+    def compose(self, states: list[bytes]) -> MadeAdapter:
+        """The adapter of several adapters' states (MadeAdapter.state) added up."""
+        return self._files(self._pipeline.compose([state_from_bytes(s) for s in states]))
+
+    def _files(self, adapter: Adapter) -> MadeAdapter:
+        peft_config = self._pipeline.peft_config()
+        return MadeAdapter(adapter.peft_bytes(), peft_config, adapter.state_bytes(), adapter.tokens)
 
 
 def load_maker(

@@ -95,6 +95,14 @@ def adapter_id(fingerprint: str, context: str, parent: str | None = None) -> str
     return "ga-" + h.hexdigest()[:32]
 
 
+def composed_id(fingerprint: str, adapter_ids: list[str]) -> str:
+    """Content address of a composition: the same adapters in any order -> the same id."""
+    h = hashlib.sha256(
+        f"{fingerprint}\0compose\0".encode() + "\0".join(sorted(adapter_ids)).encode()
+    )
+    return "ga-" + h.hexdigest()[:32]
+
+
 def state_from_bytes(data: bytes) -> tuple[State, int]:
     """Inverse of Adapter.state_bytes: the raw S and the token count."""
     state = load(data)
@@ -146,6 +154,17 @@ class AdapterPipeline:
             state = add_states(state, self.read_window(window, None, factors)[0])
         assert state is not None
         return Adapter(state=state, tokens=tokens + len(ids), factors=self.generator.lora(state))
+
+    @torch.no_grad()
+    def compose(self, parts: list[tuple[State, int]]) -> Adapter:
+        """One adapter from several adapters' raw states and token counts: their contexts add
+        up as the windows of one context do, and no text is read again."""
+        state = None
+        for part, _ in parts:
+            state = add_states(state, part)
+        assert state is not None, "nothing to compose"
+        tokens = sum(n for _, n in parts)
+        return Adapter(state=state, tokens=tokens, factors=self.generator.lora(state))
 
     def adapt(self, text: str) -> Adapter:
         return self.adapt_ids(self.tokenize(text))

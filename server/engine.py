@@ -191,7 +191,7 @@ class VllmEngine:
     openai: OpenAILayer
 
     def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
-        from server.vllm_env import apply_vllm_env, engine_dtype, has_gpu
+        from server.vllm_env import apply_vllm_env, engine_dtype
 
         apply_vllm_env(settings.kv_cache_gib)
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -201,6 +201,10 @@ class VllmEngine:
             model=str(maker.base_model_path),
             enable_lora=True,
             max_lora_rank=vllm_rank(maker.lora_rank),
+            # Only the modules our adapters change carry LoRA layers: the others would cost
+            # every request their LoRA kernels for nothing, and vLLM 0.32's LoRA-wrapped lm_head
+            # fails on prompt logprobs on a CPU (and takes the engine down with it).
+            lora_target_modules=maker.target_modules,
             max_loras=settings.max_loras,
             max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
             dtype=engine_dtype(settings.dtype),
@@ -209,10 +213,9 @@ class VllmEngine:
         )
         self.llm = AsyncLLM.from_engine_args(args)
         self._openai_args = (maker.base_model_path, settings.served_model_name or maker.base_model)
-        self._gpu = has_gpu()
 
     async def start(self) -> None:
-        self.openai = await VllmOpenAI.start(self.llm, *self._openai_args, gpu=self._gpu)
+        self.openai = await VllmOpenAI.start(self.llm, *self._openai_args)
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -113,25 +113,36 @@ class ChatCompletionResponse(OpenAIModel):
 # --- Our additions: adapters ------------------------------------------------------------------
 
 
+AdapterId = Annotated[str, Field(pattern=ADAPTER_ID_PATTERN)]
+INPUTS = ("context", "messages", "documents", "compose")
+
+
 class AdaptRequest(BaseModel):
-    """Exactly one of `context`, `messages`, `documents`; `parent` extends an adapter."""
+    """Exactly one of `context`, `messages`, `documents`, `compose`; `parent` extends an
+    adapter with a context."""
 
     model_config = ConfigDict(extra="forbid")
 
     context: str | None = Field(None, description="a text to adapt to")
     messages: list[ChatMessage] | None = Field(None, description="a chat history")
     documents: list[str] | None = Field(None, description="documents, read in order")
-    parent: str | None = Field(
-        None, pattern=ADAPTER_ID_PATTERN, description="adapter to extend with this context"
+    compose: list[AdapterId] | None = Field(
+        None,
+        min_length=2,
+        description="adapters of one generator to add up, in any order, without re-reading text",
     )
+    parent: AdapterId | None = Field(None, description="adapter to extend with this context")
 
     @model_validator(mode="after")
     def exactly_one_input(self) -> AdaptRequest:
-        given = [k for k in ("context", "messages", "documents") if getattr(self, k) is not None]
+        given = [k for k in INPUTS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of context, messages, documents (got {given or 'none'})"
-            )
+            raise ValueError(f"give exactly one of {', '.join(INPUTS)} (got {given or 'none'})")
+        if self.compose is not None:
+            if self.parent is not None:
+                raise ValueError("compose takes no parent: list the parent among the adapters")
+            if len(set(self.compose)) != len(self.compose):
+                raise ValueError("compose lists an adapter twice")
         return self
 
 
@@ -146,6 +157,7 @@ class AdapterInfo(BaseModel):
     fingerprint: str = Field(description="generator + base model that made it")
     lora_rank: int
     parent: str | None = None
+    composed: list[str] | None = Field(None, description="the adapters it adds up, if composed")
 
 
 class AdaptResponse(BaseModel):
@@ -155,6 +167,7 @@ class AdaptResponse(BaseModel):
     created_at: int
     base_model: str
     parent: str | None = None
+    composed: list[str] | None = Field(None, description="the adapters it adds up, if composed")
     seconds: float = Field(description="server-side time for this request")
 
 

@@ -60,24 +60,20 @@ class AdapterService:
         return request.context or ""
 
     async def adapt(self, request: AdaptRequest) -> AdaptResponse:
-        """The adapter of this context (extending `parent` if given), from cache or generated."""
+        """The adapter of this context (extending `parent` if given) or of adapters composed,
+        from cache or made now."""
         start = time.perf_counter()
-        text = self.context_text(request)
-        ids = await asyncio.to_thread(self.maker.tokenize, text) if text.strip() else []
-        if not ids:
-            raise EmptyContext("context is empty: it has no tokens to adapt to", param="context")
-        limit = self.settings.max_context_tokens
-        if len(ids) > limit:
-            raise ContextTooLong(
-                f"context has {len(ids)} tokens; the limit is {limit} "
-                "(GENADAPTER_MAX_CONTEXT_TOKENS); split it and extend with `parent`",
-                param="context",
+        if request.compose is not None:
+            parts = sorted(check_adapter_id(a) for a in request.compose)  # order-independent
+            aid = self.maker.composed_id(parts)
+            stored, created = await self.store.get_or_create(aid, lambda: self._compose(aid, parts))
+        else:
+            text, ids = await self.context_ids(request)
+            parent = None if request.parent is None else check_adapter_id(request.parent)
+            aid = self.maker.adapter_id(text, parent)
+            stored, created = await self.store.get_or_create(
+                aid, lambda: self._create(aid, ids, parent)
             )
-        parent = None if request.parent is None else check_adapter_id(request.parent)
-        aid = self.maker.adapter_id(text, parent)
-        stored, created = await self.store.get_or_create(
-            aid, lambda: self._create(aid, ids, parent)
-        )
         cache = "miss" if created else "hit"
         seconds = time.perf_counter() - start
         metrics.ADAPT_CACHE.labels(cache).inc()
@@ -90,33 +86,69 @@ class AdapterService:
             created_at=info.created_at,
             base_model=info.base_model,
             parent=info.parent,
+            composed=info.composed,
             seconds=seconds,
         )
+
+    async def context_ids(self, request: AdaptRequest) -> tuple[str, list[int]]:
+        """The canonical text of a request's context and its tokens, within the limit."""
+        text = self.context_text(request)
+        ids = await asyncio.to_thread(self.maker.tokenize, text) if text.strip() else []
+        if not ids:
+            raise EmptyContext("context is empty: it has no tokens to adapt to", param="context")
+        limit = self.settings.max_context_tokens
+        if len(ids) > limit:
+            raise ContextTooLong(
+                f"context has {len(ids)} tokens; the limit is {limit} "
+                "(GENADAPTER_MAX_CONTEXT_TOKENS); split it and extend with `parent`",
+                param="context",
+            )
+        return text, ids
 
     async def _create(self, aid: str, ids: list[int], parent_id: str | None) -> StoredAdapter:
         parent_state = None
         if parent_id is not None:
-            stored = await self.store.get(parent_id)
-            if stored is None:
-                raise AdapterNotFound(f"parent adapter {parent_id} not found", param="parent")
-            self.check_compatible(stored.info, extend=True)
-            parent_state = stored.adapter.state
+            parent_state = (await self._extendable(parent_id, "parent")).adapter.state
         metrics.ADAPT_QUEUE.inc()
         try:
             async with self._generator_slot:
                 adapter = await asyncio.to_thread(self._make, ids, parent_state)
         finally:
             metrics.ADAPT_QUEUE.dec()
-        info = AdapterInfo(
+        return StoredAdapter(self._info(aid, adapter, parent=parent_id), adapter)
+
+    async def _compose(self, aid: str, part_ids: list[str]) -> StoredAdapter:
+        """The sum of the adapters' raw states, as if their contexts were windows of one: no
+        text is read, so no generator slot is taken."""
+        states = [(await self._extendable(p, "compose")).adapter.state for p in part_ids]
+        adapter = await asyncio.to_thread(self.maker.compose, states)
+        return StoredAdapter(self._info(aid, adapter, composed=part_ids), adapter)
+
+    async def _extendable(self, aid: str, param: str) -> StoredAdapter:
+        """A stored adapter whose state this generator can continue (404, 409 otherwise)."""
+        stored = await self.store.get(aid)
+        if stored is None:
+            raise AdapterNotFound(f"{param} adapter {aid} not found", param=param)
+        self.check_compatible(stored.info, extend=True)
+        return stored
+
+    def _info(
+        self,
+        aid: str,
+        adapter: MadeAdapter,
+        parent: str | None = None,
+        composed: list[str] | None = None,
+    ) -> AdapterInfo:
+        return AdapterInfo(
             id=aid,
             created_at=now(),
             tokens=adapter.tokens,
             base_model=self.base_name,
             fingerprint=self.maker.fingerprint,
             lora_rank=self.maker.lora_rank,
-            parent=parent_id,
+            parent=parent,
+            composed=composed,
         )
-        return StoredAdapter(info, adapter)
 
     def _make(self, ids: list[int], parent_state: bytes | None) -> MadeAdapter:
         try:

@@ -12,8 +12,7 @@ tests drive it with the real clients.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +21,7 @@ from pydantic import BaseModel
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-from server.errors import InvalidRequest
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -42,29 +40,16 @@ __all__ = [
 OpenAIResult = ErrorResponse | BaseModel | AsyncGenerator[str, None]
 
 
-@contextlib.contextmanager
-def refused_as_400() -> Iterator[None]:
-    """vLLM raises ValueError for a request it refuses (e.g. `n` > 1 with greedy sampling),
-    as its own server answers: a 400 with its message."""
-    try:
-        yield
-    except ValueError as e:
-        raise InvalidRequest(str(e)) from e
-
-
 class VllmOpenAI:
     """vLLM's chat and completion handlers on a running engine, plus the LoRAs they may use."""
 
-    def __init__(self, state: Any, prompt_logprobs: bool) -> None:
+    def __init__(self, state: Any) -> None:
         self._chat = state.openai_serving_chat
         self._completion = state.openai_serving_completion
         self._models = state.openai_serving_models
-        self._prompt_logprobs = prompt_logprobs
 
     @classmethod
-    async def start(
-        cls, llm: AsyncLLM, model_path: Path, served_name: str, gpu: bool
-    ) -> VllmOpenAI:
+    async def start(cls, llm: AsyncLLM, model_path: Path, served_name: str) -> VllmOpenAI:
         """vLLM's OpenAI server state with `vllm serve`'s defaults."""
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -75,33 +60,17 @@ class VllmOpenAI:
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(flags)
         state = State()
         await init_app_state(llm, state, args, supported_tasks=("generate",))
-        # vLLM 0.32's CPU LoRA kernels fail on logprobs of prompt tokens, and the failure kills
-        # the engine: refuse those requests there rather than die.
-        return cls(state, prompt_logprobs=gpu)
+        return cls(state)
 
     async def chat(
         self, request: ChatCompletionRequest, raw: Request | None = None
     ) -> OpenAIResult:
-        self._check(request.prompt_logprobs, request.echo, request.top_logprobs)
-        with refused_as_400():
-            return await self._chat.create_chat_completion(request, raw)
+        return await answered(self._chat.create_chat_completion(request, raw))
 
     async def complete(
         self, request: CompletionRequest, raw: Request | None = None
     ) -> OpenAIResult:
-        self._check(request.prompt_logprobs, request.echo, request.logprobs)
-        with refused_as_400():
-            return await self._completion.create_completion(request, raw)
-
-    def _check(self, prompt_logprobs: int | None, echo: bool | None, logprobs: int | None) -> None:
-        """Prompt logprobs are asked for directly, or by `echo` with logprobs (vLLM's rule)."""
-        asked = prompt_logprobs is not None or (bool(echo) and logprobs is not None)
-        if asked and not self._prompt_logprobs:
-            raise InvalidRequest(
-                "logprobs of prompt tokens (prompt_logprobs, or echo with logprobs) are not "
-                "supported on a CPU engine: vLLM's CPU LoRA kernels fail on them",
-                param="prompt_logprobs" if prompt_logprobs is not None else "echo",
-            )
+        return await answered(self._completion.create_completion(request, raw))
 
     def add(self, lora: LoRA) -> None:
         """Requests naming `lora.name` as their model run with it."""
@@ -111,3 +80,12 @@ class VllmOpenAI:
 
     def remove(self, name: str) -> None:
         self._models.lora_requests.pop(name, None)
+
+
+async def answered(call: Awaitable[OpenAIResult]) -> OpenAIResult:
+    """A handler's result, or its failure as vLLM's server reports it: a request vLLM refuses
+    (e.g. `n` > 1 with greedy sampling) is a 400 with vLLM's message."""
+    try:
+        return await call
+    except Exception as e:
+        return create_error_response(e)

@@ -16,7 +16,6 @@ import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -24,11 +23,12 @@ from fastapi import Request
 from pydantic import BaseModel
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
-from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
+from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
 from generator.maker import AdapterMaker, MadeAdapter
-from generator.pipeline import AdapterPipeline
+from generator.model import add_states
+from generator.pipeline import AdapterPipeline, state_from_bytes
 from server.engine import Delta, LoRA, SamplingOptions
-from server.errors import EngineUnavailable, InvalidRequest
+from server.errors import EngineUnavailable
 from server.launch import free_port
 from server.main import create_app
 from server.protocol import AdapterInfo
@@ -39,7 +39,6 @@ from server.vllm_openai import (
     CompletionRequest,
     ErrorResponse,
     OpenAIResult,
-    VllmOpenAI,
 )
 from tests.conftest import REDIS_URL, random_generator, tiny_llama
 
@@ -124,11 +123,14 @@ class FakeEngine:
 
 
 @pytest.fixture(scope="module")
-def maker(tmp_path_factory: pytest.TempPathFactory) -> AdapterMaker:
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> AdapterPipeline:
     base = tiny_llama(tmp_path_factory.mktemp("tiny-chat-llama"), "tiny-chat-llama")
-    return AdapterMaker(
-        AdapterPipeline(base, random_generator(base, window=16, rank=8, inner_size=32))
-    )
+    return AdapterPipeline(base, random_generator(base, window=16, rank=8, inner_size=32))
+
+
+@pytest.fixture(scope="module")
+def maker(pipeline: AdapterPipeline) -> AdapterMaker:
+    return AdapterMaker(pipeline)
 
 
 class App:
@@ -242,6 +244,42 @@ async def test_extend_with_parent(app: App) -> None:
     assert child_entry.adapter.peft != alone_entry.adapter.peft  # the parent's state carried over
 
 
+async def test_compose_adds_up_the_states_of_adapters(app: App, pipeline: AdapterPipeline) -> None:
+    """Composing A and B is the adapter of their raw states summed by hand, whatever the order,
+    cached like any other; the generator does not read text again."""
+    a = await app.adapt(context=CONTEXT)
+    b = await app.adapt(context="Marco loves sailing and his dog is called Biscuit.")
+    ab = await app.adapt(compose=[a["adapter_id"], b["adapter_id"]])
+    ba = await app.adapt(compose=[b["adapter_id"], a["adapter_id"]])
+    assert (ab["adapter_id"], ab["cached"], ba["cached"]) == (ba["adapter_id"], False, True)
+    assert ab["composed"] == sorted([a["adapter_id"], b["adapter_id"]])
+    assert ab["tokens"] == a["tokens"] + b["tokens"]
+
+    entries = [await app.store.get(x["adapter_id"]) for x in (a, b, ab)]
+    made = [e.adapter for e in entries if e is not None]
+    assert len(made) == 3
+    (state_a, _), (state_b, _) = (state_from_bytes(m.state) for m in made[:2])
+    by_hand = pipeline.generator.lora(add_states(state_a, state_b))
+    assert made[2].peft == peft_bytes(by_hand)
+    info = (await app.client.get(f"/v1/adapters/{ab['adapter_id']}")).json()
+    assert info["composed"] == ab["composed"]
+
+
+async def test_compose_refuses_an_adapter_of_another_generator(app: App) -> None:
+    a = (await app.adapt(context=CONTEXT))["adapter_id"]
+    info = AdapterInfo(
+        id="ga-" + "f" * 32,
+        created_at=0,
+        tokens=1,
+        base_model="tiny-chat-llama",
+        fingerprint="another generator",
+        lora_rank=8,
+    )
+    await app.store.put(StoredAdapter(info, MadeAdapter(b"peft", "{}", b"state", 1)))
+    r = await app.client.post("/v1/adapt", json={"compose": [a, info.id]})
+    assert_error(r, 409, "has fingerprint")
+
+
 @pytest.fixture
 def generator_runs(maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """One entry per generator run (the maker's make), for single-flight tests."""
@@ -298,20 +336,6 @@ async def test_openai_routes_resolve_adapters_for_the_openai_layer(app: App) -> 
     assert [json.loads(e)["text"] for e in sse_events(r.text)] == ["base:0 ", "base:1 "]
 
 
-async def test_prompt_logprobs_are_refused_on_a_cpu_engine() -> None:
-    """vLLM's CPU LoRA kernels kill the engine on prompt logprobs: a 400 names the field."""
-    handlers = {f"openai_serving_{name}": None for name in ("chat", "completion", "models")}
-    layer = VllmOpenAI(SimpleNamespace(**handlers), prompt_logprobs=False)
-    asks = [
-        (CompletionRequest(model="m", prompt="x", echo=True, logprobs=0), "echo"),
-        (CompletionRequest(model="m", prompt="x", prompt_logprobs=1), "prompt_logprobs"),
-    ]
-    for request, param in asks:
-        with pytest.raises(InvalidRequest, match="prompt tokens") as refused:
-            await layer.complete(request)
-        assert refused.value.param == param
-
-
 def metric(text: str, sample: str) -> float:
     """A sample's value in Prometheus' text format (0 before its first use)."""
     values = [line.split()[-1] for line in text.splitlines() if line.startswith(sample + " ")]
@@ -346,7 +370,16 @@ async def test_health_and_metrics(app: App) -> None:
         ({"context": "   \n"}, 422, "context is empty"),
         ({"documents": []}, 422, "context is empty"),
         ({"messages": []}, 422, "context is empty"),
-        ({}, 422, "exactly one of context, messages, documents"),
+        ({}, 422, "exactly one of context, messages, documents, compose"),
+        ({"compose": ["ga-" + "1" * 32]}, 422, "at least 2 items"),
+        ({"compose": ["ga-" + "1" * 32] * 2}, 422, "compose lists an adapter twice"),
+        ({"compose": ["ga-" + "1" * 32, "nope"]}, 422, "compose.1: String should match"),
+        (
+            {"compose": ["ga-" + "1" * 32, "ga-" + "2" * 32], "parent": "ga-" + "3" * 32},
+            422,
+            "compose takes no parent",
+        ),
+        ({"compose": ["ga-" + "1" * 32, "ga-" + "2" * 32]}, 404, "compose adapter"),
         ({"context": "a", "documents": ["b"]}, 422, "exactly one of"),
         ({"context": 5}, 422, "context: Input should be a valid string"),
         ({"documents": "not a list"}, 422, "documents: Input should be a valid list"),

@@ -132,8 +132,8 @@ def test_openai_client_chat_completions_and_models(server: Server) -> None:
 
 def test_openai_client_uses_vllm_openai_features(server: Server) -> None:
     """What vLLM's OpenAI server accepts, with an adapter as the model: text parts, n > 1,
-    logprobs, a list of prompts, usage in streams, JSON schema outputs, vLLM's extra fields;
-    prompt logprobs are refused with a 400 (they kill vLLM's CPU LoRA path)."""
+    logprobs, a list of prompts, echo with logprobs, usage in streams, JSON schema outputs,
+    vLLM's extra fields; a request vLLM refuses is a 400."""
     a = server.client.adapt(context=CONTEXT).adapter_id
     oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     parts: list[ChatCompletionMessageParam] = [
@@ -150,8 +150,13 @@ def test_openai_client_uses_vllm_openai_features(server: Server) -> None:
         model=a, prompt=["Once upon a time", "The sky is"], max_tokens=4, temperature=0, logprobs=1
     )
     assert len(comp.choices) == 2 and comp.choices[1].logprobs is not None
-    with pytest.raises(BadRequestError, match="prompt tokens"):
-        oai.completions.create(model=a, prompt="x", max_tokens=1, logprobs=1, echo=True)
+    # a harness scores a continuation by the logprobs of its tokens in the prompt
+    scored = oai.completions.create(
+        model=a, prompt="The capital is Velloran", max_tokens=1, logprobs=1, echo=True
+    )
+    echoed = scored.choices[0].logprobs
+    assert echoed is not None and echoed.token_logprobs and echoed.token_logprobs[0] is None
+    assert all(x is not None and x <= 0 for x in echoed.token_logprobs[1:])
 
     stream = oai.chat.completions.create(
         model=a, messages=parts, max_tokens=4, stream=True, stream_options={"include_usage": True}
@@ -171,6 +176,9 @@ def test_openai_client_uses_vllm_openai_features(server: Server) -> None:
         model=a, messages=parts, max_tokens=32, temperature=0, response_format=shape
     )
     assert isinstance(json.loads(shaped.choices[0].message.content or "")["city"], str)
+
+    with pytest.raises(BadRequestError, match="n must be 1 when using greedy sampling"):
+        oai.chat.completions.create(model=a, messages=parts, n=2, temperature=0)
 
     exact = oai.chat.completions.create(
         model=a, messages=parts, max_tokens=6, extra_body={"ignore_eos": True, "min_tokens": 6}
@@ -243,6 +251,15 @@ def test_extend_with_parent(server: Server) -> None:
     alone = server.client.adapt(context=more)
     assert child.parent == parent.adapter_id and child.tokens == parent.tokens + alone.tokens
     assert greedy(server, child.adapter_id) != greedy(server, alone.adapter_id)
+
+
+def test_composed_adapter_is_served(server: Server) -> None:
+    a = server.client.adapt(context=CONTEXT).adapter_id
+    b = server.client.adapt(context=OTHER_CONTEXT).adapter_id
+    both = server.client.adapt(compose=[b, a])
+    assert both.composed == sorted([a, b]) and not both.cached
+    answers = {x: tuple(greedy(server, x)) for x in (a, b, both.adapter_id)}
+    assert len(set(answers.values())) == 3  # neither part alone
 
 
 def test_errors_over_http(server: Server) -> None:
