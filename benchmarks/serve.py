@@ -81,15 +81,16 @@ def throughput(
 
 
 def run(
-    url: str, requests: int = 8, max_tokens: int = 64, contexts: int = 5, paragraphs: int = 4
+    url: str, requests: int = 16, max_tokens: int = 64, contexts: int = 5, paragraphs: int = 4
 ) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     env = environment()
     with GenerativeAdapterClient(url) as client:
         base = client.models().data[0].id
         adapt = adapt_latency(client, contexts, paragraphs)
-        ids = [client.adapt(context=context(100 + i, paragraphs)).adapter_id for i in range(4)]
-        generation = [throughput(client, a, requests, max_tokens) for a in ([None], ids[:1], ids)]
+        ids = [client.adapt(context=context(100 + i, paragraphs)).adapter_id for i in range(16)]
+        spreads = ([None], ids[:1], ids[:4], ids)  # 0, 1, 4 and 16 distinct adapters in flight
+        generation = [throughput(client, a, requests, max_tokens) for a in spreads]
     return {"base_model": base, **env, "adapt": adapt, "generation": generation}
 
 
@@ -100,6 +101,7 @@ def markdown(result: dict) -> str:
         f"| {a['cold_median_ms']} ms |",
         f"| adapt, cached (same contexts again) | {a['cached_median_ms']} ms |",
     ]
+    base = result["generation"][0]["tokens_per_s"]
     for g in result["generation"]:
         who = (
             "base model only"
@@ -108,7 +110,7 @@ def markdown(result: dict) -> str:
         )
         rows.append(
             f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
-            f"| {g['tokens_per_s']} tokens/s |"
+            f"| {g['tokens_per_s']} tokens/s ({g['tokens_per_s'] / base:.2f}x the base) |"
         )
     return "\n".join(
         [

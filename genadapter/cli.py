@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = p.add_subparsers(dest="bench", required=True)
     p = bench.add_parser("serve", help="adapt latency and generation tokens/s of the server")
     p.add_argument("--url", default=None, help="a running server (default: start one)")
-    p.add_argument("--requests", type=int, default=8, help="concurrent generations")
+    p.add_argument("--requests", type=int, default=16, help="concurrent generations")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per generation")
     p.add_argument("--json", type=Path, default=Path("benchmarks/serve.json"))
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, gt=0, description="when a request sets none")
     shm_dir: Path = Field(Path("/dev/shm/genadapter"), description="RAM folder for vLLM's LoRAs")
 
-    max_loras: int = Field(4, gt=0, description="distinct adapters in one batch")
+    max_loras: int = Field(16, gt=0, description="distinct adapters in one batch")
     max_cpu_loras: int = Field(32, gt=0, description="adapters kept loaded by vLLM")
     max_model_len: int = Field(2048, gt=0, description="prompt + output tokens")
     kv_cache_gib: float = Field(
