@@ -203,6 +203,8 @@ async def test_adapt_cache_generate_info_models_delete(app: App) -> None:
     assert r.json()["usage"]["completion_tokens"] == 3
     base = await app.client.post("/v1/generate", json={"prompt": "Capital?", "max_tokens": 1})
     assert base.json()["text"] == "base:0 "
+    alias = await app.client.post("/generate", json={"prompt": "Capital?", "max_tokens": 1})
+    assert alias.json()["text"] == "base:0 "  # the design's unversioned path
 
     info = (await app.client.get(f"/v1/adapters/{aid}")).json()
     assert (info["id"], info["tokens"], info["base_model"]) == (
@@ -595,3 +597,12 @@ async def test_two_servers_sharing_redis_share_adapters(
             "/v1/generate", json={"adapter_id": aid, "prompt": "x", "max_tokens": 1}
         )
         assert r.json()["text"] == f"{aid}:0 "
+
+
+async def test_openapi_describes_every_route(app: App) -> None:
+    """/docs renders from this: vLLM's request classes included (its OpenAI fields listed)."""
+    spec = (await app.client.get("/openapi.json")).json()
+    paths = {"/v1/adapt", "/adapt", "/v1/generate", "/generate", "/v1/chat/completions"}
+    assert paths <= set(spec["paths"])
+    chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "n", "logprobs", "response_format", "stream_options"} <= set(chat)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from server.deps import AdapterServiceDep
 from server.protocol import AdapterInfo, AdaptRequest, AdaptResponse, DeleteResponse
-from server.routers import ERRORS
+from server.routers import ERRORS, post_with_alias
 
 router = APIRouter(tags=["adapters"], responses=ERRORS)
 
@@ -16,15 +16,7 @@ async def adapt(request: AdaptRequest, service: AdapterServiceDep) -> AdaptRespo
     return await service.adapt(request)
 
 
-router.add_api_route("/v1/adapt", adapt, methods=["POST"], response_model=AdaptResponse)
-router.add_api_route(
-    "/adapt",
-    adapt,
-    methods=["POST"],
-    response_model=AdaptResponse,
-    operation_id="adapt_alias",
-    summary="Adapt (alias of /v1/adapt)",
-)
+post_with_alias(router, "/v1/adapt", adapt, AdaptResponse)
 
 
 @router.get("/v1/adapters/{adapter_id}")

@@ -13,13 +13,12 @@ from server.protocol import (
     UsageInfo,
     new_id,
 )
-from server.routers import ERRORS
+from server.routers import ERRORS, post_with_alias
 from server.streaming import sse_response
 
 router = APIRouter(tags=["generate"], responses=ERRORS)
 
 
-@router.post("/v1/generate", response_model=GenerateResponse)
 async def generate(
     request: GenerateRequest, service: GenerationServiceDep
 ) -> GenerateResponse | StreamingResponse:
@@ -45,6 +44,9 @@ async def generate(
         finish_reason=c.finish_reason,
         usage=usage(c.prompt_tokens, len(c.token_ids)),
     )
+
+
+post_with_alias(router, "/v1/generate", generate, GenerateResponse)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
