@@ -72,6 +72,11 @@ def error_body(status: int, message: str, type_: str, param: str | None = None) 
     return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=status))
 
 
+def internal_error() -> ErrorResponse:
+    """What a client learns of a failure of ours: that it happened (the log has the rest)."""
+    return error_body(500, "internal error: the server failed on this request", "internal_error")
+
+
 def error_response(exc: ServerError) -> ErrorResponse:
     return error_body(exc.status, exc.message, exc.type, exc.param)
 
@@ -105,4 +110,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return _json(500, error_body(500, f"internal error: {exc}", "internal_error"))
+        return _json(500, internal_error())

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 ADAPTER_ID_PATTERN = r"^ga-[0-9a-f]{32}$"
 
@@ -64,6 +64,24 @@ class UsageInfo(OpenAIModel):
     total_tokens: int
 
 
+def _encodable(text: str) -> str:
+    """JSON can carry a lone surrogate (\\ud800) that no tokenizer can encode: refuse it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"invalid Unicode at character {e.start}: a lone surrogate") from e
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # any text a tokenizer will read
+
+
+def _no_empty_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    if stop == "" or (isinstance(stop, list) and "" in stop):
+        raise ValueError("a stop string must not be empty")
+    return stop
+
+
 # "abort": the engine stopped the request (as vLLM's own OpenAI server passes it through).
 FinishReason = Literal["stop", "length", "abort"] | None
 
@@ -74,8 +92,8 @@ class SamplingFields(OpenAIModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Annotated[str | list[str] | None, AfterValidator(_no_empty_stop)] = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="a 64-bit integer")
     stream: bool = False
 
 
@@ -84,7 +102,7 @@ class SamplingFields(OpenAIModel):
 
 class ChatMessage(OpenAIModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -123,9 +141,9 @@ class AdaptRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    context: str | None = Field(None, description="a text to adapt to")
+    context: Text | None = Field(None, description="a text to adapt to")
     messages: list[ChatMessage] | None = Field(None, description="a chat history")
-    documents: list[str] | None = Field(None, description="documents, read in order")
+    documents: list[Text] | None = Field(None, description="documents, read in order")
     compose: list[AdapterId] | None = Field(
         None,
         min_length=2,
@@ -183,7 +201,7 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     adapter_id: str | None = Field(None, description="None: the base model alone")
-    prompt: str
+    prompt: Text
 
 
 class GenerateResponse(BaseModel):

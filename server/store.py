@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
@@ -176,7 +177,7 @@ class RedisStore(AdapterStore):
     def __init__(
         self, url: str, ttl_s: float, prefix: str = "genadapter", lock_timeout_s: float = 30
     ) -> None:
-        self.url = url
+        self.url = redacted(url)  # for messages: never the password
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.prefix = prefix
         self.lock_timeout_s = lock_timeout_s
@@ -310,6 +311,15 @@ class RedisStore(AdapterStore):
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+def redacted(url: str) -> str:
+    """The URL without its password (redis://:secret@host -> redis://:***@host)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def open_store(settings: Settings) -> AdapterStore:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from server.errors import ServerError, error_body, error_response
+from server.errors import ServerError, error_response, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +20,9 @@ async def sse_lines(events: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
             yield f"data: {event.model_dump_json(exclude_none=False)}\n\n"
     except ServerError as e:
         yield f"data: {error_response(e).model_dump_json()}\n\n"
-    except Exception as e:
+    except Exception:
         log.exception("stream failed")
-        body = error_body(500, f"internal error: {e}", "internal_error")
-        yield f"data: {body.model_dump_json()}\n\n"
+        yield f"data: {internal_error().model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -149,10 +149,12 @@ async def test_redis_entry_missing_a_part_reads_as_missing(prefix: str) -> None:
 
 
 async def test_unreachable_redis_raises_store_unavailable() -> None:
-    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", ttl_s=60)
+    """Clear errors that never show the URL's password."""
+    store = RedisStore(f"redis://:s3cret@127.0.0.1:{free_port()}/0", ttl_s=60)
     for call in (store.ping(), store.get(entry(7).info.id), store.put(entry(7)), store.list()):
-        with pytest.raises(StoreUnavailable, match="unavailable"):
+        with pytest.raises(StoreUnavailable, match="unavailable") as e:
             await call
+        assert "s3cret" not in e.value.message and ":***@127.0.0.1" in e.value.message
     await store.close()
 
 
