@@ -82,6 +82,7 @@ class SamplingOptions:
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ class VllmEngine:
             top_p=options.top_p,
             stop=options.stop,
             seed=options.seed,
+            ignore_eos=options.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
         request = None if lora is None else LoRARequest(lora.name, lora.int_id, str(lora.path))

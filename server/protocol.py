@@ -94,6 +94,7 @@ class SamplingFields(OpenAIModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Annotated[str | list[str] | None, AfterValidator(_no_empty_stop)] = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="a 64-bit integer")
+    ignore_eos: bool = Field(False, description="go on past the end of text (as vLLM's)")
     stream: bool = False
 
 

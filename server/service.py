@@ -269,6 +269,7 @@ class GenerationService:
             top_p=request.top_p,
             stop=stop,
             seed=request.seed,
+            ignore_eos=request.ignore_eos,
         )
 
     async def stream(

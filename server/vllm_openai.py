@@ -22,13 +22,17 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from server.engine import LoRA
 
+# with_cancellation: a route so decorated is cancelled when its client goes away, so a request
+# nobody waits for stops generating (vLLM's own routes use it; so do ours).
 __all__ = [
+    "with_cancellation",
     "ChatCompletionRequest",
     "CompletionRequest",
     "ErrorResponse",

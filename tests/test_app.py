@@ -618,5 +618,7 @@ async def test_openapi_describes_every_route(app: App) -> None:
     spec = (await app.client.get("/openapi.json")).json()
     paths = {"/v1/adapt", "/adapt", "/v1/generate", "/generate", "/v1/chat/completions"}
     assert paths <= set(spec["paths"])
-    chat = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    schemas = spec["components"]["schemas"]
+    assert {"AdaptResponse", "GenerateResponse"} <= set(schemas)  # answers documented
+    chat = schemas["ChatCompletionRequest"]["properties"]
     assert {"messages", "n", "logprobs", "response_format", "stream_options"} <= set(chat)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.slow
 BASE = "SmolLM2-135M-Instruct"
 OTHER_CONTEXT = "Marco loves sailing and his dog is called Biscuit. He lives in a lighthouse."
 QUESTION = "What is the capital of Zorblat?"
+COUNT = "Count from 1 to 1000, one number per line."
 STD = 2.0  # B of a random generator: strong enough that adapters change greedy answers
 
 
@@ -260,6 +262,34 @@ def test_composed_adapter_is_served(server: Server) -> None:
     assert both.composed == sorted([a, b]) and not both.cached
     answers = {x: tuple(greedy(server, x)) for x in (a, b, both.adapter_id)}
     assert len(set(answers.values())) == 3  # neither part alone
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/generate", {"prompt": COUNT}),
+        ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": COUNT}]}),
+    ],
+)
+def test_a_request_whose_client_left_stops_generating(
+    server: Server, path: str, body: dict
+) -> None:
+    """Not streaming: the client gives up after 2 s of a ~60 s generation; the engine aborts it
+    (the server's own requests-in-flight gauge and vLLM's running requests go back to 0)."""
+    long = {**body, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}{path}", json=long, timeout=2)
+    for _ in range(20):
+        text = httpx.get(f"{server.url}/metrics").text
+        running = [x for x in text.splitlines() if x.startswith("vllm:num_requests_running")]
+        assert running, "vLLM's metrics are served at /metrics"
+        if all(line.endswith(" 0.0") for line in running) and (
+            "genadapter_generation_requests_in_flight 0.0" in text
+        ):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"still generating 10 s after the client left: {running}")
 
 
 def test_errors_over_http(server: Server) -> None:

@@ -22,14 +22,16 @@ ERRORS: dict[int | str, dict[str, object]] = {
 def post_with_alias(
     router: APIRouter, path: str, endpoint: Callable[..., Any], response_model: type
 ) -> None:
-    """POST `path` (/v1/...) and the product's unversioned alias of it, one handler."""
-    router.add_api_route(path, endpoint, methods=["POST"], response_model=response_model)
-    alias = path.removeprefix("/v1")
-    router.add_api_route(
-        alias,
-        endpoint,
-        methods=["POST"],
-        response_model=response_model,
-        operation_id=f"{endpoint.__name__}_alias",
-        summary=f"{endpoint.__name__.capitalize()} (alias of {path})",
-    )
+    """POST `path` (/v1/...) and the product's unversioned alias of it, one handler. The model
+    documents the answer; it is not enforced, as a handler cancelled by its client's going away
+    returns nothing."""
+    for route, suffix in ((path, ""), (path.removeprefix("/v1"), "_alias")):
+        router.add_api_route(
+            route,
+            endpoint,
+            methods=["POST"],
+            response_model=None,
+            responses={200: {"model": response_model}},
+            operation_id=f"{endpoint.__name__}{suffix}",
+            summary=f"{endpoint.__name__.capitalize()}{f' (alias of {path})' if suffix else ''}",
+        )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from server.deps import GenerationServiceDep
@@ -15,12 +15,14 @@ from server.protocol import (
 )
 from server.routers import ERRORS, post_with_alias
 from server.streaming import sse_response
+from server.vllm_openai import with_cancellation
 
 router = APIRouter(tags=["generate"], responses=ERRORS)
 
 
+@with_cancellation
 async def generate(
-    request: GenerateRequest, service: GenerationServiceDep
+    request: GenerateRequest, raw_request: Request, service: GenerationServiceDep
 ) -> GenerateResponse | StreamingResponse:
     """Answer `prompt` (one user turn) with the adapter; server-sent events if `stream`."""
     lora = await service.lora(request.adapter_id)

@@ -20,6 +20,7 @@ from server.vllm_openai import (
     CompletionRequest,
     ErrorResponse,
     OpenAIResult,
+    with_cancellation,
 )
 
 router = APIRouter(tags=["openai"], responses=ERRORS)
@@ -29,21 +30,23 @@ STREAM: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("/v1/chat/completions", responses=STREAM)
+@with_cancellation
 async def chat_completions(
-    request: ChatCompletionRequest, raw: Request, service: GenerationServiceDep
+    request: ChatCompletionRequest, raw_request: Request, service: GenerationServiceDep
 ) -> Response:
     """OpenAI chat completion with the base model or an adapter (`model`)."""
     await service.use_model(request.model)
-    return respond(await service.engine.openai.chat(request, raw))
+    return respond(await service.engine.openai.chat(request, raw_request))
 
 
 @router.post("/v1/completions", responses=STREAM)
+@with_cancellation
 async def completions(
-    request: CompletionRequest, raw: Request, service: GenerationServiceDep
+    request: CompletionRequest, raw_request: Request, service: GenerationServiceDep
 ) -> Response:
     """OpenAI text completion of raw prompts (no chat template), base model or adapter."""
     await service.use_model(request.model)
-    return respond(await service.engine.openai.complete(request, raw))
+    return respond(await service.engine.openai.complete(request, raw_request))
 
 
 def respond(result: OpenAIResult) -> Response:
