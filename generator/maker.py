@@ -59,6 +59,10 @@ class AdapterMaker:
         self.fingerprint = pipeline.fingerprint  # generator + base model: part of adapter ids
         self.lora_rank = pipeline.config.lora_rank
         self.target_modules = sorted(pipeline.config.modules)  # what its adapters change
+        vocab = pipeline.base.tokenizer.get_vocab()
+        # No token covers more characters than its own string has: a text of n characters has
+        # at least n / max_token_chars tokens, which bounds a context's size before tokenizing.
+        self.max_token_chars = max(len(token) for token in vocab)
 
     def tokenize(self, text: str) -> list[int]:
         return self._pipeline.tokenize(text)

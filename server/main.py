@@ -15,6 +15,7 @@ from importlib.metadata import version
 from fastapi import FastAPI
 
 from generator.maker import AdapterMaker, load_maker
+from server.body_limit import BodyLimit
 from server.engine import Engine, LoRAFolders, VllmEngine
 from server.errors import install_error_handlers
 from server.routers import adapters, generate, health, openai
@@ -69,6 +70,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for module in (adapters, generate, openai, health):
         app.include_router(module.router)
     return app

@@ -93,16 +93,15 @@ class AdapterService:
     async def context_ids(self, request: AdaptRequest) -> tuple[str, list[int]]:
         """The canonical text of a request's context and its tokens, within the limit."""
         text = self.context_text(request)
+        limit = self.settings.max_context_tokens
+        at_least = len(text) // self.maker.max_token_chars  # known before tokenizing it
+        if at_least > limit:
+            raise too_long(f"at least {at_least}", limit)
         ids = await asyncio.to_thread(self.maker.tokenize, text) if text.strip() else []
         if not ids:
             raise EmptyContext("context is empty: it has no tokens to adapt to", param="context")
-        limit = self.settings.max_context_tokens
         if len(ids) > limit:
-            raise ContextTooLong(
-                f"context has {len(ids)} tokens; the limit is {limit} "
-                "(GENADAPTER_MAX_CONTEXT_TOKENS); split it and extend with `parent`",
-                param="context",
-            )
+            raise too_long(str(len(ids)), limit)
         return text, ids
 
     async def _create(self, aid: str, ids: list[int], parent_id: str | None) -> StoredAdapter:
@@ -312,6 +311,14 @@ class GenerationService:
             token_ids += delta.token_ids
             finish = delta.finish_reason or finish
         return Completion("".join(text), token_ids, finish, len(prompt_ids))
+
+
+def too_long(tokens: str, limit: int) -> ContextTooLong:
+    return ContextTooLong(
+        f"context has {tokens} tokens; the limit is {limit} "
+        "(GENADAPTER_MAX_CONTEXT_TOKENS); split it and extend with `parent`",
+        param="context",
+    )
 
 
 def raise_engine_error(e: BaseException) -> NoReturn:

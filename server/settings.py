@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     )
 
     max_context_tokens: int = Field(32768, gt=0, description="longer contexts get 413")
+    max_body_bytes: int = Field(4 << 20, gt=0, description="larger request bodies get 413")
     default_max_tokens: int = Field(256, gt=0, description="when a request sets none")
     shm_dir: Path = Field(Path("/dev/shm/genadapter"), description="RAM folder for vLLM's LoRAs")
 

@@ -148,7 +148,9 @@ class App:
 
 
 async def start_app(maker: AdapterMaker, store: AdapterStore, tmp_path: Path) -> AsyncIterator[App]:
-    settings = Settings(shm_dir=tmp_path / "shm", max_context_tokens=200, max_model_len=256)
+    settings = Settings(
+        shm_dir=tmp_path / "shm", max_context_tokens=200, max_model_len=256, max_body_bytes=1 << 16
+    )
     engines: list[FakeEngine] = []
 
     def factory(s: Settings, m: AdapterMaker) -> FakeEngine:
@@ -397,12 +399,28 @@ async def test_health_and_metrics(app: App) -> None:
         ({"context": "x \ud800 y"}, 422, "context: Value error, invalid Unicode at character 2"),
         ({"documents": ["ok", "\udfff"]}, 422, "documents.1: Value error, invalid Unicode"),
         ({"context": "a", "parent": "../../etc/passwd"}, 422, "parent: String should match"),
-        ({"context": "word " * 300}, 413, "the limit is 200"),
+        ({"context": "word " * 300}, 413, "context has 1500 tokens; the limit is 200"),
+        ({"context": "word " * 600}, 413, "context has at least 250 tokens"),  # not tokenized
+        ({"context": "word " * 20_000}, 413, "request body over 65536 bytes"),
         ({"context": "a", "parent": "ga-" + "0" * 32}, 404, "parent adapter"),
     ],
 )
 async def test_adapt_rejects_bad_input(app: App, body: dict, status: int, text: str) -> None:
     assert_error(await app.client.post("/v1/adapt", **as_json(body)), status, text)
+    assert await app.store.list() == []
+
+
+async def test_a_body_over_the_limit_sent_in_chunks_is_413(app: App) -> None:
+    """No Content-Length to go by: refused once the bytes received pass the limit."""
+
+    async def chunks() -> AsyncGenerator[bytes, None]:
+        yield b'{"context": "'
+        for _ in range(100):
+            yield b"word " * 200
+        yield b'"}'
+
+    r = await app.client.post("/v1/adapt", content=chunks())
+    assert_error(r, 413, "request body over 65536 bytes")
     assert await app.store.list() == []
 
 
