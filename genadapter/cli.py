@@ -127,7 +127,10 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     if args.url:
         result = serve.run(args.url, args.requests, args.max_tokens)
     else:
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings_overrides(args).items()]
+        flags = [
+            f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
+            for k, v in settings_overrides(args).items()
+        ]
         args.log.parent.mkdir(parents=True, exist_ok=True)
         with running_server(flags, args.log) as url:
             result = serve.run(url, args.requests, args.max_tokens)
@@ -154,8 +157,13 @@ def add_server_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
     from server.settings import Settings
 
     for name, field in Settings.model_fields.items():
-        if name not in ("base_model", "generator", *skip):  # add_model_args has those two
-            p.add_argument(f"--{name.replace('_', '-')}", default=None, help=field.description)
+        if name in ("base_model", "generator", *skip):  # add_model_args has those two
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if field.annotation is bool:  # a switch: present means true
+            p.add_argument(flag, action="store_const", const=True, help=field.description)
+        else:
+            p.add_argument(flag, default=None, help=field.description)
     add_model_args(p)
 
 

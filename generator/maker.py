@@ -74,11 +74,11 @@ class AdapterMaker:
         )
         return cast(str, text)  # tokenize=False: the rendered text (typed as any of its results)
 
-    def adapter_id(self, context: str, parent: str | None = None) -> str:
-        return adapter_id(self.fingerprint, context, parent)
+    def adapter_id(self, context: str, parent: str | None = None, tenant: str = "") -> str:
+        return adapter_id(self.fingerprint, context, parent, tenant)
 
-    def composed_id(self, adapter_ids: list[str]) -> str:
-        return composed_id(self.fingerprint, adapter_ids)
+    def composed_id(self, adapter_ids: list[str], tenant: str = "") -> str:
+        return composed_id(self.fingerprint, adapter_ids, tenant)
 
     def make(self, ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
         """The adapter of `ids`, continuing `parent_state` (a MadeAdapter.state) if given."""

@@ -89,17 +89,19 @@ def fingerprint(generator: AdapterGenerator, base_name: str) -> str:
     return h.hexdigest()[:16]
 
 
-def adapter_id(fingerprint: str, context: str, parent: str | None = None) -> str:
-    """Content address of an adapter: same generator, base, parent and context -> same id."""
-    h = hashlib.sha256(f"{fingerprint}\0{parent or ''}\0".encode() + context.encode())
+def adapter_id(fingerprint: str, context: str, parent: str | None = None, tenant: str = "") -> str:
+    """Content address of an adapter: same generator, base, parent, context and tenant -> same
+    id; another tenant's equal text gets another id (no tenant: the id as it always was)."""
+    owner = f"tenant={tenant}\0" if tenant else ""
+    h = hashlib.sha256(f"{owner}{fingerprint}\0{parent or ''}\0".encode() + context.encode())
     return "ga-" + h.hexdigest()[:32]
 
 
-def composed_id(fingerprint: str, adapter_ids: list[str]) -> str:
+def composed_id(fingerprint: str, adapter_ids: list[str], tenant: str = "") -> str:
     """Content address of a composition: the same adapters in any order -> the same id."""
-    h = hashlib.sha256(
-        f"{fingerprint}\0compose\0".encode() + "\0".join(sorted(adapter_ids)).encode()
-    )
+    owner = f"tenant={tenant}\0" if tenant else ""
+    parts = "\0".join(sorted(adapter_ids))
+    h = hashlib.sha256(f"{owner}{fingerprint}\0compose\0{parts}".encode())
     return "ga-" + h.hexdigest()[:32]
 
 

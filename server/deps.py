@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from server.service import AdapterService, GenerationService
 from server.settings import Settings
@@ -12,6 +12,11 @@ from server.settings import Settings
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def get_tenant(request: Request, authorization: str | None = Header(None)) -> str:
+    """The caller's tenant from its API key (a 401 without a valid one, when keys are set)."""
+    return request.app.state.api_keys.tenant(authorization)
 
 
 def get_adapter_service(request: Request) -> AdapterService:
@@ -23,5 +28,6 @@ def get_generation_service(request: Request) -> GenerationService:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+TenantDep = Annotated[str, Depends(get_tenant)]
 AdapterServiceDep = Annotated[AdapterService, Depends(get_adapter_service)]
 GenerationServiceDep = Annotated[GenerationService, Depends(get_generation_service)]

@@ -15,6 +15,7 @@ from importlib.metadata import version
 from fastapi import FastAPI
 
 from generator.maker import AdapterMaker, load_maker
+from server.auth import ApiKeys
 from server.body_limit import BodyLimit
 from server.engine import Engine, LoRAFolders, VllmEngine
 from server.errors import install_error_handlers
@@ -69,6 +70,12 @@ def create_app(
         version=version("generative-adapter"),  # pyproject.toml's, the one place it is written
         lifespan=lifespan,
     )
+    app.state.api_keys = api_keys = ApiKeys.load(settings.api_keys, settings.api_keys_file)
+    if not api_keys.enabled:
+        log.warning(
+            "no API keys configured: single-tenant development mode, every caller sees every "
+            "adapter (set GENADAPTER_API_KEYS or --api-keys-file)"
+        )
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for module in (adapters, generate, openai, health):
@@ -77,7 +84,21 @@ def create_app(
 
 
 def serve(settings: Settings) -> None:
-    """Run the server with uvicorn until interrupted."""
+    """Run the server with uvicorn until interrupted. Without API keys it listens only on a
+    loopback address, unless told `allow_insecure`."""
+    import ipaddress
+
     import uvicorn
+
+    keys = settings.api_keys or settings.api_keys_file
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:  # a host name
+        loopback = settings.host == "localhost"
+    if not (keys or loopback or settings.allow_insecure):
+        raise SystemExit(
+            f"genadapter serve: error: no API keys to serve on {settings.host}: set "
+            "GENADAPTER_API_KEYS (or --api-keys-file), or pass --allow-insecure"
+        )
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -177,6 +177,7 @@ class AdapterInfo(BaseModel):
     lora_rank: int
     parent: str | None = None
     composed: list[str] | None = Field(None, description="the adapters it adds up, if composed")
+    tenant: str = Field("", description="whose it is (the API key's tenant); only they see it")
 
 
 class AdaptResponse(BaseModel):

@@ -59,20 +59,22 @@ class AdapterService:
             return "\n\n".join(request.documents)
         return request.context or ""
 
-    async def adapt(self, request: AdaptRequest) -> AdaptResponse:
+    async def adapt(self, request: AdaptRequest, tenant: str = "") -> AdaptResponse:
         """The adapter of this context (extending `parent` if given) or of adapters composed,
         from cache or made now."""
         start = time.perf_counter()
         if request.compose is not None:
             parts = sorted(check_adapter_id(a) for a in request.compose)  # order-independent
-            aid = self.maker.composed_id(parts)
-            stored, created = await self.store.get_or_create(aid, lambda: self._compose(aid, parts))
+            aid = self.maker.composed_id(parts, tenant)
+            stored, created = await self.store.get_or_create(
+                aid, lambda: self._compose(aid, parts, tenant)
+            )
         else:
             text, ids = await self.context_ids(request)
             parent = None if request.parent is None else check_adapter_id(request.parent)
-            aid = self.maker.adapter_id(text, parent)
+            aid = self.maker.adapter_id(text, parent, tenant)
             stored, created = await self.store.get_or_create(
-                aid, lambda: self._create(aid, ids, parent)
+                aid, lambda: self._create(aid, ids, parent, tenant)
             )
         cache = "miss" if created else "hit"
         seconds = time.perf_counter() - start
@@ -104,29 +106,31 @@ class AdapterService:
             raise too_long(str(len(ids)), limit)
         return text, ids
 
-    async def _create(self, aid: str, ids: list[int], parent_id: str | None) -> StoredAdapter:
+    async def _create(
+        self, aid: str, ids: list[int], parent_id: str | None, tenant: str
+    ) -> StoredAdapter:
         parent_state = None
         if parent_id is not None:
-            parent_state = (await self._extendable(parent_id, "parent")).adapter.state
+            parent_state = (await self._extendable(parent_id, "parent", tenant)).adapter.state
         metrics.ADAPT_QUEUE.inc()
         try:
             async with self._generator_slot:
                 adapter = await asyncio.to_thread(self._make, ids, parent_state)
         finally:
             metrics.ADAPT_QUEUE.dec()
-        return StoredAdapter(self._info(aid, adapter, parent=parent_id), adapter)
+        return StoredAdapter(self._info(aid, adapter, tenant, parent=parent_id), adapter)
 
-    async def _compose(self, aid: str, part_ids: list[str]) -> StoredAdapter:
+    async def _compose(self, aid: str, part_ids: list[str], tenant: str) -> StoredAdapter:
         """The sum of the adapters' raw states, as if their contexts were windows of one: no
         text is read, so no generator slot is taken."""
-        states = [(await self._extendable(p, "compose")).adapter.state for p in part_ids]
-        adapter = await asyncio.to_thread(self.maker.compose, states)
-        return StoredAdapter(self._info(aid, adapter, composed=part_ids), adapter)
+        parts = [await self._extendable(p, "compose", tenant) for p in part_ids]
+        adapter = await asyncio.to_thread(self.maker.compose, [p.adapter.state for p in parts])
+        return StoredAdapter(self._info(aid, adapter, tenant, composed=part_ids), adapter)
 
-    async def _extendable(self, aid: str, param: str) -> StoredAdapter:
-        """A stored adapter whose state this generator can continue (404, 409 otherwise)."""
+    async def _extendable(self, aid: str, param: str, tenant: str) -> StoredAdapter:
+        """A stored adapter of `tenant` whose state this generator can continue (404, 409)."""
         stored = await self.store.get(aid)
-        if stored is None:
+        if stored is None or stored.info.tenant != tenant:
             raise AdapterNotFound(f"{param} adapter {aid} not found", param=param)
         self.check_compatible(stored.info, extend=True)
         return stored
@@ -135,6 +139,7 @@ class AdapterService:
         self,
         aid: str,
         adapter: MadeAdapter,
+        tenant: str,
         parent: str | None = None,
         composed: list[str] | None = None,
     ) -> AdapterInfo:
@@ -147,6 +152,7 @@ class AdapterService:
             lora_rank=self.maker.lora_rank,
             parent=parent,
             composed=composed,
+            tenant=tenant,
         )
 
     def _make(self, ids: list[int], parent_state: bytes | None) -> MadeAdapter:
@@ -168,19 +174,21 @@ class AdapterService:
                     f"serves {value!r} (it was made by a server with another setup)"
                 )
 
-    async def info(self, aid: str) -> AdapterInfo:
+    async def info(self, aid: str, tenant: str = "") -> AdapterInfo:
+        """An adapter of `tenant`; any other, like one never made, is a 404 (slides its TTL)."""
         info = await self.store.touch(check_adapter_id(aid))
-        if info is None:
+        if info is None or info.tenant != tenant:
             raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
         return info
 
-    async def delete(self, aid: str) -> bool:
-        if not await self.store.delete(check_adapter_id(aid)):
+    async def delete(self, aid: str, tenant: str = "") -> bool:
+        await self.info(aid, tenant)
+        if not await self.store.delete(aid):
             raise AdapterNotFound(f"adapter {aid} not found")
         return True
 
-    async def list(self) -> list[Listed]:
-        return await self.store.list()
+    async def list(self, tenant: str = "") -> list[Listed]:
+        return await self.store.list(tenant)
 
 
 @dataclass
@@ -216,17 +224,19 @@ class GenerationService:
             param="model",
         )
 
-    async def lora(self, aid: str | None) -> LoRA | None:
-        """The engine's handle for an adapter, fetched from the store if this process lacks it.
+    async def lora(self, aid: str | None, tenant: str = "") -> LoRA | None:
+        """The engine's handle for an adapter of `tenant`, fetched from the store if this
+        process lacks it.
 
         Every use slides the adapter's TTL; a deleted or expired adapter is a 404 here even if
-        this process still has its folder.
+        this process still has its folder, as is another tenant's.
         """
         if aid is None:
             return None
         info = await self.store.touch(check_adapter_id(aid))
         if info is None:
-            self.folders.remove(aid)
+            self.folders.remove(aid)  # gone from the store: gone here too
+        if info is None or info.tenant != tenant:
             raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
         async with self._materialize_lock:
             if (lora := self.folders.get(aid)) is not None:
@@ -237,10 +247,10 @@ class GenerationService:
                 raise AdapterNotFound(f"adapter {aid} not found (expired just now)")
             return self.folders.add(aid, stored.adapter)
 
-    async def use_model(self, model: str | None) -> None:
+    async def use_model(self, model: str | None, tenant: str = "") -> None:
         """Make OpenAI's `model` ready for the engine's OpenAI layer: an adapter is fetched
         (404, 409 as for any use) and made known to the layer by its id."""
-        lora = await self.lora(self.adapter_for_model(model))
+        lora = await self.lora(self.adapter_for_model(model), tenant)
         if lora is not None:
             self.engine.openai.add(lora)
 

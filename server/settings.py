@@ -19,6 +19,13 @@ class Settings(BaseSettings):
     generator: Path | None = Field(None, description="generator folder (default: shipped one)")
     served_model_name: str | None = Field(None, description="base model's API name")
 
+    api_keys: str | None = Field(
+        None, description="tenant:key pairs, comma-separated (none: single-tenant development)"
+    )
+    api_keys_file: Path | None = Field(None, description="a file of 'tenant key' lines")
+    allow_insecure: bool = Field(
+        False, description="serve without keys on an address other than loopback"
+    )
     redis_url: str | None = Field(None, description="None: in-process store")
     redis_prefix: str = Field("genadapter", description="prefix of this server's Redis keys")
     adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")

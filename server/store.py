@@ -73,8 +73,8 @@ class AdapterStore(ABC):
         """True if something was deleted."""
 
     @abstractmethod
-    async def list(self) -> list[Listed]:
-        """Every live adapter, oldest first."""
+    async def list(self, tenant: str) -> list[Listed]:
+        """Every live adapter of `tenant`, oldest first."""
 
     @abstractmethod
     def lock(self, adapter_id: str) -> contextlib.AbstractAsyncContextManager[None]:
@@ -150,9 +150,10 @@ class MemoryStore(AdapterStore):
     async def delete(self, adapter_id: str) -> bool:
         return self._drop(adapter_id)
 
-    async def list(self) -> list[Listed]:
+    async def list(self, tenant: str) -> list[Listed]:
         now = time.monotonic()
-        live = [a.info for a, expires in self._entries.values() if expires > now]
+        entries = self._entries.values()
+        live = [a.info for a, expires in entries if expires > now and a.info.tenant == tenant]
         return sorted((Listed(i.id, i.created_at) for i in live), key=lambda x: x.created_at)
 
     @contextlib.asynccontextmanager
@@ -170,8 +171,8 @@ class MemoryStore(AdapterStore):
 class RedisStore(AdapterStore):
     """Redis store shared by server processes; binary values, sliding TTL, a lock per new id.
 
-    Two sorted sets index the entries, so listing never scans the keyspace: `expiry` (score: when
-    the entry's TTL lapses, slid with it) and `created` (score: creation time).
+    Sorted sets index the entries, so listing never scans the keyspace: `expiry` (score: when an
+    entry's TTL lapses, slid with it) and, per tenant, `created` (score: creation time).
     """
 
     def __init__(
@@ -181,7 +182,7 @@ class RedisStore(AdapterStore):
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.prefix = prefix
         self.lock_timeout_s = lock_timeout_s
-        self.expiry_key, self.created_key = f"{prefix}:index:expiry", f"{prefix}:index:created"
+        self.expiry_key = f"{prefix}:index:expiry"
         # Binary-safe (no decode_responses); fail fast so a request gets 503 instead of hanging.
         self.redis = aioredis.Redis.from_url(
             url,
@@ -248,34 +249,39 @@ class RedisStore(AdapterStore):
                 for part in PARTS:
                     p.set(self._key(aid, part), values[part], px=self.ttl_ms)
                 p.zadd(self.expiry_key, {aid: self._expires()})
-                p.zadd(self.created_key, {aid: adapter.info.created_at})
+                p.zadd(self._created_key(adapter.info.tenant), {aid: adapter.info.created_at})
                 await p.execute()
 
     async def delete(self, adapter_id: str) -> bool:
         with self._reachable():
             async with self.redis.pipeline(transaction=True) as p:
                 p.delete(*(self._key(adapter_id, part) for part in PARTS))
-                p.zrem(self.expiry_key, adapter_id)
-                p.zrem(self.created_key, adapter_id)
-                deleted, _, _ = await p.execute()
+                p.zrem(self.expiry_key, adapter_id)  # its tenant's listing drops it next time
+                deleted, _ = await p.execute()
         return bool(deleted)
 
-    async def list(self) -> list[Listed]:
-        """From the indexes alone; entries whose TTL lapsed are dropped from them here."""
+    def _created_key(self, tenant: str) -> str:
+        return f"{self.prefix}:index:created:{tenant}"
+
+    async def list(self, tenant: str) -> list[Listed]:
+        """From the indexes alone: the tenant's adapters by creation, those whose TTL lapsed (or
+        that were deleted) dropped from its index here."""
+        created_key = self._created_key(tenant)
         with self._reachable():
-            expired = await self.redis.zrange(
-                self.expiry_key, "-inf", int(time.time() * 1000), byscore=True
-            )
-            if expired:
+            rows = await self.redis.zrange(created_key, 0, -1, withscores=True)
+            # redis-py types every zrange alike; withscores=True gives (member, float score)
+            # tuples, members bytes since this client does not decode.
+            pairs = [(a.decode(), int(c)) for a, c in cast(list[tuple[bytes, float]], rows)]
+            ids = [aid for aid, _ in pairs]
+            expires = await self.redis.zmscore(self.expiry_key, ids) if ids else []
+            now = time.time() * 1000
+            dead = {aid for aid, e in zip(ids, expires, strict=True) if e is None or e <= now}
+            if dead:
                 async with self.redis.pipeline(transaction=True) as p:
-                    p.zrem(self.expiry_key, *expired)
-                    p.zrem(self.created_key, *expired)
+                    p.zrem(created_key, *dead)
+                    p.zrem(self.expiry_key, *dead)
                     await p.execute()
-            rows = await self.redis.zrange(self.created_key, 0, -1, withscores=True)
-        # redis-py types every zrange alike; withscores=True gives (member, float score) tuples
-        # (its default legacy_responses shape), members bytes since this client does not decode.
-        pairs = cast(list[tuple[bytes, float]], rows)
-        return [Listed(aid.decode(), int(created)) for aid, created in pairs]
+        return [Listed(aid, created) for aid, created in pairs if aid not in dead]
 
     @contextlib.asynccontextmanager
     async def lock(self, adapter_id: str) -> AsyncIterator[None]:

@@ -27,10 +27,11 @@ from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
 from generator.maker import AdapterMaker, MadeAdapter
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, state_from_bytes
+from server.auth import ApiKeys
 from server.engine import Delta, LoRA, SamplingOptions
 from server.errors import EngineUnavailable
 from server.launch import free_port
-from server.main import create_app
+from server.main import create_app, serve
 from server.protocol import AdapterInfo
 from server.settings import Settings
 from server.store import AdapterStore, MemoryStore, RedisStore, StoredAdapter
@@ -147,9 +148,15 @@ class App:
         return r.json()
 
 
-async def start_app(maker: AdapterMaker, store: AdapterStore, tmp_path: Path) -> AsyncIterator[App]:
+async def start_app(
+    maker: AdapterMaker, store: AdapterStore, tmp_path: Path, api_keys: str | None = None
+) -> AsyncIterator[App]:
     settings = Settings(
-        shm_dir=tmp_path / "shm", max_context_tokens=200, max_model_len=256, max_body_bytes=1 << 16
+        shm_dir=tmp_path / "shm",
+        max_context_tokens=200,
+        max_model_len=256,
+        max_body_bytes=1 << 16,
+        api_keys=api_keys,
     )
     engines: list[FakeEngine] = []
 
@@ -407,7 +414,7 @@ async def test_health_and_metrics(app: App) -> None:
 )
 async def test_adapt_rejects_bad_input(app: App, body: dict, status: int, text: str) -> None:
     assert_error(await app.client.post("/v1/adapt", **as_json(body)), status, text)
-    assert await app.store.list() == []
+    assert await app.store.list("") == []
 
 
 async def test_a_body_over_the_limit_sent_in_chunks_is_413(app: App) -> None:
@@ -421,7 +428,7 @@ async def test_a_body_over_the_limit_sent_in_chunks_is_413(app: App) -> None:
 
     r = await app.client.post("/v1/adapt", content=chunks())
     assert_error(r, 413, "request body over 65536 bytes")
-    assert await app.store.list() == []
+    assert await app.store.list("") == []
 
 
 async def test_malformed_json_is_422(app: App) -> None:
@@ -541,7 +548,7 @@ async def test_failed_generation_leaves_nothing(
     r = await app.client.post("/v1/adapt", json={"context": CONTEXT})
     error = assert_error(r, 500, "internal error")
     assert "out of memory" not in error["message"]  # internals stay in the log
-    assert await app.store.list() == []
+    assert await app.store.list("") == []
     monkeypatch.undo()
     assert (await app.adapt(context=CONTEXT))["cached"] is False
 
@@ -640,3 +647,59 @@ async def test_openapi_describes_every_route(app: App) -> None:
     assert {"AdaptResponse", "GenerateResponse"} <= set(schemas)  # answers documented
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert {"messages", "n", "logprobs", "response_format", "stream_options"} <= set(chat)
+
+
+# --- API keys and tenants ----------------------------------------------------------------------
+
+
+async def test_each_tenant_sees_only_its_own_adapters(maker: AdapterMaker, tmp_path: Path) -> None:
+    """Keys map to tenants; another tenant's adapter is a 404 exactly like one never made, in
+    every route, and an equal text of two tenants makes two adapters (no shared cache hit)."""
+    store = MemoryStore(1 << 30, 3600)
+    async for app in start_app(maker, store, tmp_path, api_keys="alice:key-a, bob:key-b"):
+        alice, bob = ({"Authorization": f"Bearer key-{t}"} for t in "ab")
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-a"}):
+            r = await app.client.post("/v1/adapt", json={"context": CONTEXT}, headers=headers)
+            assert_error(r, 401, "a valid API key is required")
+        assert_error(await app.client.get("/v1/models"), 401, "API key")
+
+        a = (await app.client.post("/v1/adapt", json={"context": CONTEXT}, headers=alice)).json()
+        b = (await app.client.post("/v1/adapt", json={"context": CONTEXT}, headers=bob)).json()
+        assert a["adapter_id"] != b["adapter_id"] and not a["cached"] and not b["cached"]
+        aid = a["adapter_id"]
+        chat = {"model": aid, "messages": [{"role": "user", "content": "Hi"}]}
+        for method, url, body in [
+            ("GET", f"/v1/adapters/{aid}", None),
+            ("DELETE", f"/v1/adapters/{aid}", None),
+            ("POST", "/v1/generate", {"adapter_id": aid, "prompt": "x"}),
+            ("POST", "/v1/chat/completions", chat),
+            ("POST", "/v1/adapt", {"context": "more", "parent": aid}),
+            ("POST", "/v1/adapt", {"compose": [aid, b["adapter_id"]]}),
+        ]:
+            r = await app.client.request(method, url, json=body, headers=bob)
+            assert_error(r, 404, "not found")
+        for headers, own in ((alice, aid), (bob, b["adapter_id"])):
+            listed = (await app.client.get("/v1/models", headers=headers)).json()["data"]
+            assert [m["id"] for m in listed][1:] == [own]
+        info = (await app.client.get(f"/v1/adapters/{aid}", headers=alice)).json()
+        assert info["tenant"] == "alice"
+        r = await app.client.post(
+            "/v1/generate", json={"adapter_id": aid, "prompt": "x"}, headers=alice
+        )
+        assert r.status_code == 200
+        assert (await app.client.get("/health")).status_code == 200  # probes need no key
+
+
+def test_api_keys_from_the_environment_and_a_file(tmp_path: Path) -> None:
+    file = tmp_path / "keys"
+    file.write_text("# tenant key\ncarol key-c\n\n")
+    keys = ApiKeys.load("alice:key-a,bob:key-b", file)
+    assert [keys.tenant(f"Bearer key-{t}") for t in "abc"] == ["alice", "bob", "carol"]
+    assert ApiKeys.load(None, None).tenant(None) == ""  # no keys: development mode
+    with pytest.raises(ValueError, match="tenant:key"):
+        ApiKeys.load("alice", None)
+
+
+def test_serving_beyond_loopback_without_keys_is_refused() -> None:
+    with pytest.raises(SystemExit, match="no API keys to serve on 0.0.0.0"):
+        serve(Settings(host="0.0.0.0"))

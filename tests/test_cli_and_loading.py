@@ -122,3 +122,11 @@ def test_adapt_uses_the_shipped_trained_generator(
     assert len(lora_b) == smollm2.model.config.num_hidden_layers
     assert all(t.abs().max() > 0 for t in lora_b)  # trained: an untrained generator gives zeros
     assert json.loads((out / PEFT_CONFIG_FILE).read_text())["r"] == 16
+
+
+def test_serve_switches_take_no_value_and_unset_ones_leave_the_environment() -> None:
+    from genadapter.cli import settings_overrides
+
+    on = settings_overrides(build_parser().parse_args(["serve", "--allow-insecure"]))
+    off = settings_overrides(build_parser().parse_args(["serve", "--port", "9000"]))
+    assert on == {"allow_insecure": True} and off == {"port": "9000"}

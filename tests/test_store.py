@@ -61,12 +61,12 @@ async def test_put_get_touch_list_delete(make_store: MakeStore) -> None:
     assert await store.get(a.info.id) == a
     assert await store.touch(b.info.id) == b.info
     listed = [Listed(a.info.id, a.info.created_at), Listed(b.info.id, b.info.created_at)]
-    assert sorted(await store.list()) == listed
+    assert sorted(await store.list("")) == listed
     assert await store.delete(a.info.id) is True
     assert await store.delete(a.info.id) is False
     assert await store.get(a.info.id) is None
     assert await store.touch(a.info.id) is None
-    assert [i.id for i in await store.list()] == [b.info.id]
+    assert [i.id for i in await store.list("")] == [b.info.id]
 
 
 async def test_ttl_slides_on_every_read(make_store: MakeStore) -> None:
@@ -90,7 +90,7 @@ async def test_failed_factory_stores_nothing(make_store: MakeStore) -> None:
     with pytest.raises(RuntimeError, match="generator crashed"):
         await store.get_or_create(a.info.id, fail)
     assert await store.get(a.info.id) is None
-    assert await store.list() == []
+    assert await store.list("") == []
 
     async def ok() -> StoredAdapter:
         return a
@@ -128,7 +128,7 @@ async def test_memory_store_evicts_least_recently_used() -> None:
     assert await store.get(entry(1).info.id) is not None  # 1 is now the most recent
     await store.put(entry(4))
     assert await store.get(entry(2).info.id) is None  # least recently used went first
-    assert {i.id for i in await store.list()} == {entry(n).info.id for n in (1, 3, 4)}
+    assert {i.id for i in await store.list("")} == {entry(n).info.id for n in (1, 3, 4)}
     assert store.nbytes <= store.budget_bytes
 
 
@@ -144,14 +144,14 @@ async def test_redis_entry_missing_a_part_reads_as_missing(prefix: str) -> None:
         assert await store.get(a.info.id) is None
         assert await store.touch(a.info.id) is None
         assert await store.redis.exists(*keys) == 0
-        assert await store.list() == []
+        assert await store.list("") == []
     await store.close()
 
 
 async def test_unreachable_redis_raises_store_unavailable() -> None:
     """Clear errors that never show the URL's password."""
     store = RedisStore(f"redis://:s3cret@127.0.0.1:{free_port()}/0", ttl_s=60)
-    for call in (store.ping(), store.get(entry(7).info.id), store.put(entry(7)), store.list()):
+    for call in (store.ping(), store.get(entry(7).info.id), store.put(entry(7)), store.list("")):
         with pytest.raises(StoreUnavailable, match="unavailable") as e:
             await call
         assert "s3cret" not in e.value.message and ":***@127.0.0.1" in e.value.message
@@ -189,8 +189,20 @@ async def test_redis_list_reads_the_index_not_the_keyspace(
     await store.put(entry(9))
     for command in ("scan_iter", "scan", "mget", "get", "keys"):
         monkeypatch.setattr(store.redis, command, None)
-    assert [x.id for x in await store.list()] == [entry(9).info.id]
+    assert [x.id for x in await store.list("")] == [entry(9).info.id]
     await asyncio.sleep(0.7)
-    assert await store.list() == []
+    assert await store.list("") == []
     assert await store.redis.zcard(store.expiry_key) == 0
     await store.close()
+
+
+async def test_listing_is_per_tenant(make_store: MakeStore) -> None:
+    store = make_store()
+    mine, other = entry(10), entry(11)
+    mine = StoredAdapter(mine.info.model_copy(update={"tenant": "t"}), mine.adapter)
+    await store.put(mine)
+    await store.put(other)
+    assert [x.id for x in await store.list("t")] == [mine.info.id]
+    assert [x.id for x in await store.list("")] == [other.info.id]
+    await store.delete(mine.info.id)
+    assert await store.list("t") == []

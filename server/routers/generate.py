@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.deps import GenerationServiceDep
+from server.deps import GenerationServiceDep, TenantDep
 from server.protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -22,10 +22,13 @@ router = APIRouter(tags=["generate"], responses=ERRORS)
 
 @with_cancellation
 async def generate(
-    request: GenerateRequest, raw_request: Request, service: GenerationServiceDep
+    request: GenerateRequest,
+    raw_request: Request,
+    service: GenerationServiceDep,
+    tenant: TenantDep,
 ) -> GenerateResponse | StreamingResponse:
     """Answer `prompt` (one user turn) with the adapter; server-sent events if `stream`."""
-    lora = await service.lora(request.adapter_id)
+    lora = await service.lora(request.adapter_id, tenant)
     ids = service.user_prompt(request.prompt)
     options = service.options(request, len(ids))
     rid = new_id("gen")

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from server.deps import GenerationServiceDep
+from server.deps import GenerationServiceDep, TenantDep
 from server.protocol import ModelCard, ModelList
 from server.routers import ERRORS
 from server.vllm_openai import (
@@ -32,20 +32,26 @@ STREAM: dict[int | str, dict[str, Any]] = {
 @router.post("/v1/chat/completions", responses=STREAM)
 @with_cancellation
 async def chat_completions(
-    request: ChatCompletionRequest, raw_request: Request, service: GenerationServiceDep
+    request: ChatCompletionRequest,
+    raw_request: Request,
+    service: GenerationServiceDep,
+    tenant: TenantDep,
 ) -> Response:
     """OpenAI chat completion with the base model or an adapter (`model`)."""
-    await service.use_model(request.model)
+    await service.use_model(request.model, tenant)
     return respond(await service.engine.openai.chat(request, raw_request))
 
 
 @router.post("/v1/completions", responses=STREAM)
 @with_cancellation
 async def completions(
-    request: CompletionRequest, raw_request: Request, service: GenerationServiceDep
+    request: CompletionRequest,
+    raw_request: Request,
+    service: GenerationServiceDep,
+    tenant: TenantDep,
 ) -> Response:
     """OpenAI text completion of raw prompts (no chat template), base model or adapter."""
-    await service.use_model(request.model)
+    await service.use_model(request.model, tenant)
     return respond(await service.engine.openai.complete(request, raw_request))
 
 
@@ -59,11 +65,12 @@ def respond(result: OpenAIResult) -> Response:
 
 
 @router.get("/v1/models")
-async def models(service: GenerationServiceDep) -> ModelList:
+async def models(service: GenerationServiceDep, tenant: TenantDep) -> ModelList:
     """The base model and every adapter in the store (each usable as `model`)."""
     base = service.adapters.base_name
     cards = [ModelCard(id=base, parent=None)]
     cards += [
-        ModelCard(id=a.id, created=a.created_at, parent=base) for a in await service.adapters.list()
+        ModelCard(id=a.id, created=a.created_at, parent=base)
+        for a in await service.adapters.list(tenant)
     ]
     return ModelList(data=cards)
