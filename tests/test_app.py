@@ -186,6 +186,19 @@ def assert_error(r: httpx.Response, status: int, text: str) -> dict:
     return error
 
 
+def foreign_info(aid: str, **change: object) -> AdapterInfo:
+    """Metadata of an adapter made by another generator (another fingerprint), and `change`."""
+    info = AdapterInfo(
+        id=aid,
+        created_at=0,
+        tokens=1,
+        base_model="tiny-chat-llama",
+        fingerprint="another generator",
+        lora_rank=8,
+    )
+    return info.model_copy(update=change)
+
+
 def as_json(body: dict | None) -> dict:
     """Request arguments with `body` as JSON text: escapes such as \\ud800 (a lone surrogate,
     valid JSON) reach the server as sent."""
@@ -286,14 +299,7 @@ async def test_compose_adds_up_the_states_of_adapters(app: App, pipeline: Adapte
 
 async def test_compose_refuses_an_adapter_of_another_generator(app: App) -> None:
     a = (await app.adapt(context=CONTEXT))["adapter_id"]
-    info = AdapterInfo(
-        id="ga-" + "f" * 32,
-        created_at=0,
-        tokens=1,
-        base_model="tiny-chat-llama",
-        fingerprint="another generator",
-        lora_rank=8,
-    )
+    info = foreign_info("ga-" + "f" * 32)
     await app.store.put(StoredAdapter(info, MadeAdapter(b"peft", "{}", b"state", 1)))
     r = await app.client.post("/v1/adapt", json={"compose": [a, info.id]})
     assert_error(r, 409, "has fingerprint")
@@ -496,14 +502,7 @@ async def test_stored_adapter_for_another_setup_is_a_clear_409(app: App) -> None
     changes: list[dict[str, str | int]] = [{"base_model": "other-model"}, {"lora_rank": 64}]
     for n, change in enumerate(changes):
         aid = f"ga-{n:032x}"
-        info = AdapterInfo(
-            id=aid,
-            created_at=0,
-            tokens=1,
-            base_model="tiny-chat-llama",
-            fingerprint="x",
-            lora_rank=8,
-        ).model_copy(update=change)
+        info = foreign_info(aid, **change)
         await app.store.put(StoredAdapter(info, MadeAdapter(b"peft", "{}", b"state", 1)))
         field = next(iter(change))
         r = await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"})
@@ -522,14 +521,7 @@ async def test_an_adapter_is_served_with_the_config_it_was_stored_with(app: App)
     config = json.loads(made.peft_config)
     assert config["target_modules"] == ["o_proj"]
     other = json.dumps({**config, "target_modules": ["down_proj", "o_proj"]})
-    info = AdapterInfo(
-        id="ga-" + "e" * 32,
-        created_at=0,
-        tokens=1,
-        base_model="tiny-chat-llama",
-        fingerprint="another generator",
-        lora_rank=8,
-    )
+    info = foreign_info("ga-" + "e" * 32)
     await app.store.put(StoredAdapter(info, MadeAdapter(made.peft, other, made.state, 1)))
     r = await app.client.post("/v1/generate", json={"adapter_id": info.id, "prompt": "x"})
     assert r.status_code == 200, r.text
