@@ -15,8 +15,11 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_tenant(request: Request, authorization: str | None = Header(None)) -> str:
-    """The caller's tenant from its API key (a 401 without a valid one, when keys are set)."""
-    return request.app.state.api_keys.tenant(authorization)
+    """The caller's tenant from its API key (a 401 without a valid one, when keys are set),
+    within its request rate (a 429)."""
+    tenant: str = request.app.state.api_keys.tenant(authorization)
+    request.app.state.limits.request(tenant)
+    return tenant
 
 
 def get_adapter_service(request: Request) -> AdapterService:

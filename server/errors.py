@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,6 +61,16 @@ class AdapterMismatch(ServerError):
     status, type = 409, "conflict_error"
 
 
+class TooManyRequests(ServerError):
+    """A tenant's limit is reached; `retry_after_s` says when to try again (Retry-After)."""
+
+    status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class StoreUnavailable(ServerError):
     status, type = 503, "service_unavailable"
 
@@ -92,7 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def server_error(_: Request, exc: ServerError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        return _json(exc.status, error_response(exc))
+        response = _json(exc.status, error_response(exc))
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -19,6 +19,7 @@ from server.auth import ApiKeys
 from server.body_limit import BodyLimit
 from server.engine import Engine, LoRAFolders, VllmEngine
 from server.errors import install_error_handlers
+from server.limits import TenantLimits
 from server.routers import adapters, generate, health, openai
 from server.service import AdapterService, GenerationService
 from server.settings import Settings
@@ -54,7 +55,9 @@ def create_app(
             settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
         )
         app.state.settings = settings
-        app.state.adapters = AdapterService(adapter_maker, adapter_store, settings)
+        app.state.adapters = AdapterService(
+            adapter_maker, adapter_store, settings, app.state.limits
+        )
         app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
         log.info("ready: base model %r", app.state.adapters.base_name)
         try:
@@ -76,6 +79,7 @@ def create_app(
             "no API keys configured: single-tenant development mode, every caller sees every "
             "adapter (set GENADAPTER_API_KEYS or --api-keys-file)"
         )
+    app.state.limits = TenantLimits(settings.tenant_adapts, settings.tenant_requests_per_minute)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for module in (adapters, generate, openai, health):

@@ -24,6 +24,7 @@ from server.errors import (
     ModelNotFound,
     ServerError,
 )
+from server.limits import TenantLimits
 from server.protocol import (
     AdapterInfo,
     AdaptRequest,
@@ -40,10 +41,17 @@ from server.store import AdapterStore, Listed, StoredAdapter
 class AdapterService:
     """Context -> adapter, cached by content address; one generator run per new context."""
 
-    def __init__(self, maker: AdapterMaker, store: AdapterStore, settings: Settings) -> None:
+    def __init__(
+        self,
+        maker: AdapterMaker,
+        store: AdapterStore,
+        settings: Settings,
+        limits: TenantLimits,
+    ) -> None:
         self.maker = maker
         self.store = store
         self.settings = settings
+        self.limits = limits
         self.base_name = settings.served_model_name or maker.base_model
         # One generator run at a time: each already uses every core, and memory stays bounded.
         self._generator_slot = asyncio.Semaphore(1)
@@ -114,7 +122,9 @@ class AdapterService:
             parent_state = (await self._extendable(parent_id, "parent", tenant)).adapter.state
         metrics.ADAPT_QUEUE.inc()
         try:
-            async with self._generator_slot:
+            # a tenant runs at most `tenant_adapts` generators at once (a 429 beyond); cache
+            # hits and requests waiting for the same context take none
+            async with self.limits.adapting(tenant), self._generator_slot:
                 adapter = await asyncio.to_thread(self._make, ids, parent_state)
         finally:
             metrics.ADAPT_QUEUE.dec()

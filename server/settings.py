@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     allow_insecure: bool = Field(
         False, description="serve without keys on an address other than loopback"
     )
+    tenant_adapts: int = Field(4, gt=0, description="adapts of one tenant running at once")
+    tenant_requests_per_minute: int = Field(
+        0, ge=0, description="requests per minute per tenant (0: no limit)"
+    )
     redis_url: str | None = Field(None, description="None: in-process store")
     redis_prefix: str = Field("genadapter", description="prefix of this server's Redis keys")
     adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -149,14 +150,14 @@ class App:
 
 
 async def start_app(
-    maker: AdapterMaker, store: AdapterStore, tmp_path: Path, api_keys: str | None = None
+    maker: AdapterMaker, store: AdapterStore, tmp_path: Path, **overrides: Any
 ) -> AsyncIterator[App]:
     settings = Settings(
         shm_dir=tmp_path / "shm",
         max_context_tokens=200,
         max_model_len=256,
         max_body_bytes=1 << 16,
-        api_keys=api_keys,
+        **overrides,
     )
     engines: list[FakeEngine] = []
 
@@ -695,3 +696,38 @@ def test_api_keys_from_the_environment_and_a_file(tmp_path: Path) -> None:
 def test_serving_beyond_loopback_without_keys_is_refused() -> None:
     with pytest.raises(SystemExit, match="no API keys to serve on 0.0.0.0"):
         serve(Settings(host="0.0.0.0"))
+
+
+async def test_a_tenant_over_its_request_rate_gets_429(maker: AdapterMaker, tmp_path: Path) -> None:
+    store = MemoryStore(1 << 30, 3600)
+    async for app in start_app(maker, store, tmp_path, tenant_requests_per_minute=3):
+        for _ in range(3):
+            assert (await app.client.get("/v1/models")).status_code == 200
+        r = await app.client.get("/v1/models")
+        assert_error(r, 429, "over 3 requests a minute")
+        assert 1 <= int(r.headers["Retry-After"]) <= 20  # one request back in 20 s
+
+
+async def test_a_tenant_over_its_adapts_at_once_gets_429(
+    maker: AdapterMaker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two adapts of one tenant at a time: a third, while they run, is refused at once."""
+    started, release = asyncio.Event(), asyncio.Event()
+    real = maker.make
+
+    def slow(ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
+        loop.call_soon_threadsafe(started.set)
+        asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
+        return real(ids, parent_state)
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(maker, "make", slow)
+    async for app in start_app(maker, MemoryStore(1 << 30, 3600), tmp_path, tenant_adapts=2):
+        running = [asyncio.create_task(app.adapt(context=f"text {i}")) for i in range(2)]
+        await started.wait()
+        r = await app.client.post("/v1/adapt", json={"context": "a third"})
+        assert_error(r, 429, "2 adapts of yours are already running")
+        assert r.headers["Retry-After"] == "1"
+        release.set()
+        assert all(not x["cached"] for x in await asyncio.gather(*running))
+        assert (await app.adapt(context="a third"))["cached"] is False  # slots are back
