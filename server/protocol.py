@@ -178,6 +178,7 @@ class AdapterInfo(BaseModel):
     parent: str | None = None
     composed: list[str] | None = Field(None, description="the adapters it adds up, if composed")
     tenant: str = Field("", description="whose it is (the API key's tenant); only they see it")
+    sha256: str = Field("", description="checksum of its stored bytes, checked on every read")
 
 
 class AdaptResponse(BaseModel):

@@ -35,7 +35,7 @@ from server.protocol import (
     now,
 )
 from server.settings import Settings
-from server.store import AdapterStore, Listed, StoredAdapter
+from server.store import AdapterStore, Listed, StoredAdapter, digest
 
 
 class AdapterService:
@@ -163,6 +163,7 @@ class AdapterService:
             parent=parent,
             composed=composed,
             tenant=tenant,
+            sha256=digest(adapter),
         )
 
     def _make(self, ids: list[int], parent_state: bytes | None) -> MadeAdapter:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -30,13 +32,27 @@ from server.errors import StoreUnavailable
 from server.protocol import AdapterInfo
 from server.settings import Settings
 
+log = logging.getLogger(__name__)
+
 PARTS = ("peft", "config", "state", "meta")
+
+
+def digest(adapter: MadeAdapter) -> str:
+    """SHA-256 of an adapter's three byte parts: stored in its metadata, checked on every read."""
+    h = hashlib.sha256()
+    for part in (adapter.peft, adapter.peft_config.encode(), adapter.state):
+        h.update(len(part).to_bytes(8, "big") + part)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
 class StoredAdapter:
     info: AdapterInfo
     adapter: MadeAdapter
+
+    def intact(self) -> bool:
+        """Its bytes are the ones its metadata vouches for (entries without a checksum pass)."""
+        return not self.info.sha256 or self.info.sha256 == digest(self.adapter)
 
     @property
     def nbytes(self) -> int:
@@ -57,9 +73,21 @@ Factory = Callable[[], Awaitable[StoredAdapter]]
 class AdapterStore(ABC):
     """The interface both stores implement (and the tests exercise identically)."""
 
-    @abstractmethod
     async def get(self, adapter_id: str) -> StoredAdapter | None:
-        """The whole entry, or None; slides its TTL."""
+        """The whole entry, or None; slides its TTL. An entry whose bytes do not match its
+        checksum is removed and reported, never handed on."""
+        entry = await self._read(adapter_id)
+        if entry is not None and not entry.intact():
+            log.error(
+                "adapter %s: its stored bytes do not match their checksum; removed", adapter_id
+            )
+            await self.delete(adapter_id)
+            return None
+        return entry
+
+    @abstractmethod
+    async def _read(self, adapter_id: str) -> StoredAdapter | None:
+        """The whole entry as stored, or None; slides its TTL."""
 
     @abstractmethod
     async def touch(self, adapter_id: str) -> AdapterInfo | None:
@@ -133,11 +161,11 @@ class MemoryStore(AdapterStore):
             self.nbytes -= item[0].nbytes
         return item is not None
 
-    async def get(self, adapter_id: str) -> StoredAdapter | None:
+    async def _read(self, adapter_id: str) -> StoredAdapter | None:
         return self._live(adapter_id)
 
     async def touch(self, adapter_id: str) -> AdapterInfo | None:
-        adapter = await self.get(adapter_id)
+        adapter = self._live(adapter_id)
         return None if adapter is None else adapter.info
 
     async def put(self, adapter: StoredAdapter) -> None:
@@ -205,7 +233,7 @@ class RedisStore(AdapterStore):
         except RedisError as e:
             raise StoreUnavailable(f"adapter store (Redis at {self.url}) unavailable: {e}") from e
 
-    async def get(self, adapter_id: str) -> StoredAdapter | None:
+    async def _read(self, adapter_id: str) -> StoredAdapter | None:
         with self._reachable():
             async with self.redis.pipeline(transaction=False) as p:
                 for part in PARTS:

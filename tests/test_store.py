@@ -12,7 +12,15 @@ from generator.maker import MadeAdapter
 from server.errors import StoreUnavailable
 from server.launch import free_port
 from server.protocol import AdapterInfo
-from server.store import PARTS, AdapterStore, Listed, MemoryStore, RedisStore, StoredAdapter
+from server.store import (
+    PARTS,
+    AdapterStore,
+    Listed,
+    MemoryStore,
+    RedisStore,
+    StoredAdapter,
+    digest,
+)
 from tests.conftest import REDIS_URL
 
 MakeStore = Callable[..., AdapterStore]
@@ -206,3 +214,15 @@ async def test_listing_is_per_tenant(make_store: MakeStore) -> None:
     assert [x.id for x in await store.list("")] == [other.info.id]
     await store.delete(mine.info.id)
     assert await store.list("t") == []
+
+
+async def test_an_entry_whose_bytes_changed_is_removed_not_returned(make_store: MakeStore) -> None:
+    store = make_store()
+    made = MadeAdapter(b"weights", '{"r": 8}', b"state", 12)  # entry(12) read 12 tokens
+    info = entry(12).info.model_copy(update={"sha256": digest(made)})
+    await store.put(StoredAdapter(info, made))
+    assert await store.get(info.id) == StoredAdapter(info, made)
+    flipped = MadeAdapter(b"weightz", made.peft_config, made.state, made.tokens)
+    await store.put(StoredAdapter(info, flipped))  # as a disk or memory fault would leave it
+    assert await store.get(info.id) is None
+    assert await store.touch(info.id) is None  # removed, not only refused
