@@ -105,4 +105,10 @@ def serve(settings: Settings) -> None:
             "GENADAPTER_API_KEYS (or --api-keys-file), or pass --allow-insecure"
         )
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )

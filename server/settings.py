@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         30, gt=0, description="how long the adapt lock of a server that died blocks others"
     )
 
+    shutdown_grace_s: int = Field(
+        30, gt=0, description="on SIGTERM, how long requests in flight may finish"
+    )
     max_context_tokens: int = Field(32768, gt=0, description="longer contexts get 413")
     max_body_bytes: int = Field(4 << 20, gt=0, description="larger request bodies get 413")
     default_max_tokens: int = Field(256, gt=0, description="when a request sets none")

@@ -3,8 +3,10 @@ our client and by the official `openai` client."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ from clients import ApiError, GenerativeAdapterClient
 from generator.base_model import BaseModel
 from generator.lora import write_peft_folder
 from generator.pipeline import save_generator
-from server.launch import running_server
+from server.launch import STARTUP_TIMEOUT_S, free_port, running_server, stop, wait_ready
 from tests.conftest import REDIS_URL, random_generator
 from tests.test_vllm_export import CONTEXT, peft_greedy
 
@@ -332,3 +334,35 @@ def test_served_adapter_generates_like_peft(
 
 def _as_list(x: int | list[int] | None) -> list[int]:
     return [] if x is None else [x] if isinstance(x, int) else list(x)
+
+
+def test_sigterm_lets_requests_finish_for_the_grace_period_then_exits(tmp_path: Path) -> None:
+    """SIGTERM to the server process (as a container runtime sends it): a long request in flight
+    gets the grace period, not more, then the server exits and its adapter folders are gone.
+    Without a grace, uvicorn waits for every request in flight, however long."""
+    port, log = free_port(), tmp_path / "server.log"
+    shm = tmp_path / "shm"
+    cmd = [sys.executable, "-m", "genadapter.cli", "serve", "--port", str(port)]
+    cmd += ["--shutdown-grace-s", "3", "--shm-dir", str(shm)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log, STARTUP_TIMEOUT_S)
+        aid = httpx.post(f"{url}/v1/adapt", json={"context": CONTEXT}, timeout=600).json()
+        body = {"adapter_id": aid["adapter_id"], "prompt": COUNT, "max_tokens": 1500}
+        with ThreadPoolExecutor(1) as pool:
+            long = {**body, "ignore_eos": True}  # about a minute of generation
+            pending = pool.submit(httpx.post, f"{url}/v1/generate", json=long, timeout=120)
+            time.sleep(2)  # in flight now
+            assert (shm / str(proc.pid) / aid["adapter_id"]).is_dir()
+            start = time.monotonic()
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+            seconds = time.monotonic() - start
+            with contextlib.suppress(httpx.HTTPError):
+                pending.result()  # cut off: a closed connection
+    finally:
+        stop(proc)
+    assert 2.5 <= seconds < 20, f"stopped {seconds:.1f} s after SIGTERM, grace 3 s"
+    assert not (shm / str(proc.pid)).exists()
