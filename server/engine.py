@@ -8,6 +8,7 @@ include the LoRA's name and path, so two adapters must never share them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -29,6 +30,8 @@ from server.vllm_openai import ChatCompletionRequest, CompletionRequest, OpenAIR
 log = logging.getLogger(__name__)
 
 MAX_LORA_INT_ID = 2**31 - 1
+ENGINE_WATCH_S = 2  # how often a server checks that its engine lives
+ENGINE_DIED = 70  # exit status when it did not (EX_SOFTWARE)
 # vLLM's max_lora_rank accepts only these values; an adapter's rank may be any up to it.
 VllmLoraRank = Literal[8, 16, 32, 64, 128, 256, 320, 512]
 VLLM_LORA_RANKS: tuple[VllmLoraRank, ...] = get_args(VllmLoraRank)
@@ -134,6 +137,17 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
+def remove_stale_folders(root: Path) -> None:
+    """Folders of server processes that are gone (one that exited abruptly leaves its own)."""
+    for folder in root.glob("[0-9]*"):
+        try:
+            os.kill(int(folder.name), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (PermissionError, ValueError):  # alive, another user's / not a pid
+            continue
+
+
 class LoRAFolders:
     """Adapter folders of this process, at most `capacity`, least recently used removed first.
 
@@ -146,6 +160,7 @@ class LoRAFolders:
     ) -> None:
         self.root = root / str(os.getpid())
         self.capacity = capacity
+        remove_stale_folders(root)
         self.on_remove = on_remove  # told each adapter id whose folder is gone
         self._loras: OrderedDict[str, LoRA] = OrderedDict()
         self._int_ids: dict[int, str] = {}
@@ -217,6 +232,15 @@ class VllmEngine:
 
     async def start(self) -> None:
         self.openai = await VllmOpenAI.start(self.llm, *self._openai_args)
+        self._watch = asyncio.create_task(self._exit_if_dead())
+
+    async def _exit_if_dead(self) -> None:
+        """vLLM's engine does not come back once its process died: exit non-zero, so that the
+        supervisor restarts the server rather than it answering 503 for ever."""
+        while not self.llm.errored:
+            await asyncio.sleep(ENGINE_WATCH_S)
+        log.critical("the engine died: exiting with status %d to be restarted", ENGINE_DIED)
+        os._exit(ENGINE_DIED)  # the engine is gone; nothing is left to shut down in order
 
     async def generate(
         self, prompt_ids: list[int], options: SamplingOptions, lora: LoRA | None, request_id: str

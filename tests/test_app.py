@@ -29,7 +29,7 @@ from generator.maker import AdapterMaker, MadeAdapter
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, state_from_bytes
 from server.auth import ApiKeys
-from server.engine import Delta, LoRA, SamplingOptions
+from server.engine import Delta, LoRA, LoRAFolders, SamplingOptions
 from server.errors import EngineUnavailable
 from server.launch import free_port
 from server.main import create_app, serve
@@ -731,3 +731,12 @@ async def test_a_tenant_over_its_adapts_at_once_gets_429(
         release.set()
         assert all(not x["cached"] for x in await asyncio.gather(*running))
         assert (await app.adapt(context="a third"))["cached"] is False  # slots are back
+
+
+def test_folders_of_processes_that_are_gone_are_removed(tmp_path: Path) -> None:
+    """A server that exited abruptly left its adapter folders in RAM; the next one clears them."""
+    gone, alive = tmp_path / "999999999", tmp_path / str(os.getppid())
+    for folder in (gone, alive):
+        (folder / "ga-x").mkdir(parents=True)
+    LoRAFolders(tmp_path, capacity=2)
+    assert not gone.exists() and alive.exists()

@@ -366,3 +366,23 @@ def test_sigterm_lets_requests_finish_for_the_grace_period_then_exits(tmp_path: 
         stop(proc)
     assert 2.5 <= seconds < 20, f"stopped {seconds:.1f} s after SIGTERM, grace 3 s"
     assert not (shm / str(proc.pid)).exists()
+
+
+def test_a_server_whose_engine_died_exits_for_its_supervisor(tmp_path: Path) -> None:
+    """The engine's process killed: the server exits with status 70 instead of answering 503."""
+    port, log = free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "genadapter.cli", "serve", "--port", str(port)]
+    cmd += ["--shm-dir", str(tmp_path / "shm")]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, log, STARTUP_TIMEOUT_S)
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert children, "vLLM runs its engine in child processes"
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)
+        assert proc.wait(timeout=60) == 70
+    finally:
+        stop(proc)
