@@ -91,18 +91,20 @@ def fingerprint(generator: AdapterGenerator, base_name: str) -> str:
 
 def adapter_id(fingerprint: str, context: str, parent: str | None = None, tenant: str = "") -> str:
     """Content address of an adapter: same generator, base, parent, context and tenant -> same
-    id; another tenant's equal text gets another id (no tenant: the id as it always was)."""
-    owner = f"tenant={tenant}\0" if tenant else ""
-    h = hashlib.sha256(f"{owner}{fingerprint}\0{parent or ''}\0".encode() + context.encode())
-    return "ga-" + h.hexdigest()[:32]
+    id."""
+    return _content_id(tenant, f"{fingerprint}\0{parent or ''}\0{context}")
 
 
 def composed_id(fingerprint: str, adapter_ids: list[str], tenant: str = "") -> str:
     """Content address of a composition: the same adapters in any order -> the same id."""
+    return _content_id(tenant, f"{fingerprint}\0compose\0{chr(0).join(sorted(adapter_ids))}")
+
+
+def _content_id(tenant: str, content: str) -> str:
+    """`ga-` and a SHA-256 of `content`, scoped to `tenant`: another tenant's equal content gets
+    another id (no tenant: the id as it always was)."""
     owner = f"tenant={tenant}\0" if tenant else ""
-    parts = "\0".join(sorted(adapter_ids))
-    h = hashlib.sha256(f"{owner}{fingerprint}\0compose\0{parts}".encode())
-    return "ga-" + h.hexdigest()[:32]
+    return "ga-" + hashlib.sha256((owner + content).encode()).hexdigest()[:32]
 
 
 def state_from_bytes(data: bytes) -> tuple[State, int]:

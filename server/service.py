@@ -67,7 +67,7 @@ class AdapterService:
             return "\n\n".join(request.documents)
         return request.context or ""
 
-    async def adapt(self, request: AdaptRequest, tenant: str = "") -> AdaptResponse:
+    async def adapt(self, request: AdaptRequest, tenant: str) -> AdaptResponse:
         """The adapter of this context (extending `parent` if given) or of adapters composed,
         from cache or made now."""
         start = time.perf_counter()
@@ -185,20 +185,17 @@ class AdapterService:
                     f"serves {value!r} (it was made by a server with another setup)"
                 )
 
-    async def info(self, aid: str, tenant: str = "") -> AdapterInfo:
+    async def info(self, aid: str, tenant: str) -> AdapterInfo:
         """An adapter of `tenant`; any other, like one never made, is a 404 (slides its TTL)."""
-        info = await self.store.touch(check_adapter_id(aid))
-        if info is None or info.tenant != tenant:
-            raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
-        return info
+        return owned(await self.store.touch(check_adapter_id(aid)), aid, tenant)
 
-    async def delete(self, aid: str, tenant: str = "") -> bool:
+    async def delete(self, aid: str, tenant: str) -> bool:
         await self.info(aid, tenant)
         if not await self.store.delete(aid):
             raise AdapterNotFound(f"adapter {aid} not found")
         return True
 
-    async def list(self, tenant: str = "") -> list[Listed]:
+    async def list(self, tenant: str) -> list[Listed]:
         return await self.store.list(tenant)
 
 
@@ -235,7 +232,7 @@ class GenerationService:
             param="model",
         )
 
-    async def lora(self, aid: str | None, tenant: str = "") -> LoRA | None:
+    async def lora(self, aid: str | None, tenant: str) -> LoRA | None:
         """The engine's handle for an adapter of `tenant`, fetched from the store if this
         process lacks it.
 
@@ -244,11 +241,10 @@ class GenerationService:
         """
         if aid is None:
             return None
-        info = await self.store.touch(check_adapter_id(aid))
-        if info is None:
+        found = await self.store.touch(check_adapter_id(aid))
+        if found is None:
             self.folders.remove(aid)  # gone from the store: gone here too
-        if info is None or info.tenant != tenant:
-            raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
+        info = owned(found, aid, tenant)
         async with self._materialize_lock:
             if (lora := self.folders.get(aid)) is not None:
                 return lora
@@ -258,7 +254,7 @@ class GenerationService:
                 raise AdapterNotFound(f"adapter {aid} not found (expired just now)")
             return self.folders.add(aid, stored.adapter)
 
-    async def use_model(self, model: str | None, tenant: str = "") -> None:
+    async def use_model(self, model: str | None, tenant: str) -> None:
         """Make OpenAI's `model` ready for the engine's OpenAI layer: an adapter is fetched
         (404, 409 as for any use) and made known to the layer by its id."""
         lora = await self.lora(self.adapter_for_model(model), tenant)
@@ -332,6 +328,14 @@ class GenerationService:
             token_ids += delta.token_ids
             finish = delta.finish_reason or finish
         return Completion("".join(text), token_ids, finish, len(prompt_ids))
+
+
+def owned(info: AdapterInfo | None, aid: str, tenant: str) -> AdapterInfo:
+    """The metadata if the adapter exists and is `tenant`'s; another's is a 404 like a missing
+    one, so a tenant cannot learn what others have."""
+    if info is None or info.tenant != tenant:
+        raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
+    return info
 
 
 def too_long(tokens: str, limit: int) -> ContextTooLong:
