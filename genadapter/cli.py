@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -127,14 +128,46 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     if args.url:
         result = serve.run(args.url, args.requests, args.max_tokens)
     else:
-        flags = [
-            f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}")
-            for k, v in settings_overrides(args).items()
-        ]
         args.log.parent.mkdir(parents=True, exist_ok=True)
-        with running_server(flags, args.log) as url:
+        with running_server(server_flags(settings_overrides(args)), args.log) as url:
             result = serve.run(url, args.requests, args.max_tokens)
     report(result, serve.markdown(result), serve.SECTION, args)
+
+
+def server_flags(settings: dict[str, Any]) -> list[str]:
+    """`genadapter serve` flags of these settings."""
+    return [
+        f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in settings.items()
+    ]
+
+
+def cmd_bench_scenarios(args: argparse.Namespace) -> None:
+    from benchmarks import scenarios
+    from server.launch import running_server
+    from server.settings import Settings
+
+    sizes = scenarios.QUICK if args.quick else scenarios.Sizes()
+    max_model_len = args.max_model_len or (512 if args.quick else 4608)
+    settings = {**settings_overrides(args), "max_model_len": max_model_len}
+    settings["kv_cache_gib"] = Settings(**settings).kv_cache_gib  # flag, environment or default
+    small_kv = {**settings, "kv_cache_gib": args.small_kv_cache_gib}
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        running_server(server_flags(settings), args.log) as url,
+        running_server(server_flags(small_kv), args.log.with_suffix(".small-kv.log")) as small,
+    ):
+        result = scenarios.run(
+            url,
+            small,
+            {**settings, "small_kv_cache_gib": args.small_kv_cache_gib},
+            sizes,
+        )
+    pipeline = load_pipeline(args.base_model, args.generator)
+    result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens)
+    png = args.json.with_suffix(".png")
+    scenarios.plot(result, png)
+    figure = Path(os.path.relpath(png, args.markdown.parent)).as_posix()
+    report(result, scenarios.markdown(result, figure), scenarios.SECTION, args)
 
 
 def cmd_bench_adapt(args: argparse.Namespace) -> None:
@@ -323,6 +356,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, default=Path("benchmarks/serve.log"), help="server log")
     add_server_args(p, skip=("host", "port"))  # the benchmark picks a free port
     p.set_defaults(func=cmd_bench_serve)
+    p = bench.add_parser(
+        "scenarios", help="adapt once vs the context in every prompt, side by side (two servers)"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes: shows that it runs (CI)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="of both servers (4608; --quick: 512)"
+    )
+    p.add_argument(
+        "--small-kv-cache-gib",
+        type=int,
+        default=1,
+        help="KV cache of the many-documents server: too small for every document",
+    )
+    p.add_argument("--json", type=Path, default=Path("benchmarks/scenarios.json"))
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--log", type=Path, default=Path("benchmarks/scenarios.log"), help="server log")
+    add_server_args(p, skip=("host", "port", "max_model_len"))
+    p.set_defaults(func=cmd_bench_scenarios)
     p = bench.add_parser("adapt", help="adapt time next to one base forward pass (the floor)")
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="context lengths")
     p.add_argument("--json", type=Path, default=Path("benchmarks/adapt.json"))

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     max_loras: int = Field(16, gt=0, description="distinct adapters in one batch")
     max_cpu_loras: int = Field(32, gt=0, description="adapters kept loaded by vLLM")
     max_model_len: int = Field(2048, gt=0, description="prompt + output tokens")
-    kv_cache_gib: float = Field(
-        2, gt=0, description="vLLM's KV cache on a CPU (a GPU sizes its own)"
+    kv_cache_gib: int = Field(
+        2, gt=0, description="vLLM's KV cache on a CPU in whole GiB (a GPU sizes its own)"
     )
     dtype: str = Field("auto", description="engine dtype; auto: bfloat16 on a GPU, else float32")

@@ -34,11 +34,11 @@ def engine_dtype(dtype: str) -> EngineDType:
     raise ValueError(f"Unknown dtype: {dtype!r}")
 
 
-def apply_vllm_env(kv_cache_gib: float) -> None:
+def apply_vllm_env(kv_cache_gib: int) -> None:
     """Fill in vLLM's defaults for this machine and keep its cache beside ours."""
     if not has_gpu():
         # vLLM's default CPU KV cache fails to start on a machine with 24 GiB of memory
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
         for key, value in CPU_DEFAULTS.items():
             os.environ.setdefault(key, value)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,23 @@ def test_train_benchmark_times_each_window_setting(smollm2: BaseModel, tmp_path:
     assert all(r["update_s"] > 0 and r["tokens_per_s"] > 0 for r in result["rows"])
     assert "| 16 x 2 |" in markdown(result)
     assert not any(p.grad is not None for p in pipeline.generator.parameters())  # left clean
+
+
+@pytest.mark.slow
+def test_scenarios_benchmark_runs_quick(tmp_path: Path) -> None:
+    """`genadapter bench scenarios --quick` end to end (two real servers), so it cannot rot."""
+    md = tmp_path / "BENCHMARKS.md"
+    subprocess.run(
+        [sys.executable, "-m", "genadapter.cli", "bench", "scenarios", "--quick"]
+        + ["--json", str(tmp_path / "scenarios.json"), "--markdown", str(md)]
+        + ["--log", str(tmp_path / "server.log")],
+        check=True,
+        timeout=1200,
+    )
+    result = json.loads((tmp_path / "scenarios.json").read_text())
+    assert result["beyond_max_model_len"]["prompting_status"] == 400  # prompting cannot
+    assert result["beyond_max_model_len"]["tokens"] > 512  # the adapter read all of it
+    assert {r["adapter_bytes"] for r in result["memory"]} == {result["memory"][0]["adapter_bytes"]}
+    assert all(r["ratio"] > 0 for r in result["prefill_vs_adapt"] + result["one_document"])
+    assert "| 3 | 3 documents of 64 tokens" in md.read_text()
+    assert (tmp_path / "scenarios.png").stat().st_size > 10_000
