@@ -18,6 +18,7 @@ from generator.pipeline import (
     AdapterPipeline,
     EmptyContextError,
     GeneratorError,
+    Reading,
     adapter_id,
     composed_id,
     load_pipeline,
@@ -30,6 +31,7 @@ __all__ = [
     "EmptyContextError",
     "GeneratorError",
     "MadeAdapter",
+    "Reading",
     "cache_root",
     "load_maker",
 ]
@@ -82,8 +84,22 @@ class AdapterMaker:
 
     def make(self, ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
         """The adapter of `ids`, continuing `parent_state` (a MadeAdapter.state) if given."""
+        reading = self.start(ids, parent_state)
+        while not reading.done:
+            self.read_next([reading])
+        return self.finish(reading)
+
+    def start(self, ids: list[int], parent_state: bytes | None = None) -> Reading:
+        """`make` a window at a time, batched with other contexts: start, `read_next` until
+        done, `finish`. The reading is opaque to callers."""
         state, tokens = (None, 0) if parent_state is None else state_from_bytes(parent_state)
-        return self._files(self._pipeline.adapt_ids(ids, state, tokens))
+        return self._pipeline.start_reading(ids, state, tokens)
+
+    def read_next(self, readings: list[Reading]) -> None:
+        self._pipeline.read_next(readings)
+
+    def finish(self, reading: Reading) -> MadeAdapter:
+        return self._files(reading.adapter())
 
     def compose(self, states: list[bytes]) -> MadeAdapter:
         """The adapter of several adapters' states (MadeAdapter.state) added up."""

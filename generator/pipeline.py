@@ -52,6 +52,40 @@ class Adapter:
         return save({**tensors, TOKENS_KEY: torch.tensor([self.tokens])})
 
 
+@dataclass
+class Reading:
+    """A context being read by `AdapterPipeline.read_next`, a window at a time."""
+
+    ids: list[int]
+    state: State | None  # raw S of what is read so far (a parent's included)
+    tokens: int  # tokens read before `ids` (a parent's)
+    factors: LoRAFactors | None = field(default=None, repr=False)  # LoRA of `state`
+    read: int = 0  # tokens of `ids` read so far
+
+    @property
+    def done(self) -> bool:
+        return self.read >= len(self.ids)
+
+    def adapter(self) -> Adapter:
+        assert self.done and self.state is not None and self.factors is not None
+        return Adapter(state=self.state, tokens=self.tokens + len(self.ids), factors=self.factors)
+
+
+def _stacked(factors: list[LoRAFactors | None]) -> LoRAFactors | None:
+    """One batch of per-sample factors; a sample with none yet (its first window) gets zeros,
+    exactly the base model."""
+    known = [f for f in factors if f is not None]
+    if len(factors) == 1 or not known:
+        return factors[0]
+    stacked: LoRAFactors = {}
+    for name, (a, b) in known[0].items():
+        stacked[name] = (
+            torch.cat([f[name][0] if f else torch.zeros_like(a) for f in factors]),
+            torch.cat([f[name][1] if f else torch.zeros_like(b) for f in factors]),
+        )
+    return stacked
+
+
 def save_generator(generator: AdapterGenerator, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     generator.config.save(folder)
@@ -142,22 +176,40 @@ class AdapterPipeline:
         # hidden_states[l] is the input of decoder layer l; the last entry is the final norm.
         return self.generator.state(out.hidden_states[:-1], mask), out.logits
 
-    @torch.no_grad()
-    def adapt_ids(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Adapter:
-        """Read `ids` window by window, each with the adapter of everything before it applied.
-
-        `state` and `tokens` continue an adapter (its raw S and token count): extending reads
-        only the new tokens, and only the final S is turned into LoRA factors.
-        """
+    def start_reading(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Reading:
+        """A context to read window by window (`read_next`); `state` and `tokens` continue an
+        adapter (its raw S and token count): extending reads only the new tokens."""
         if not ids:
             raise EmptyContextError("context is empty: it has no tokens to adapt to")
+        factors = None if state is None else self.generator.lora(state)
+        return Reading(ids, state, tokens, factors)
+
+    @torch.no_grad()
+    def read_next(self, readings: list[Reading]) -> None:
+        """The next window of each unfinished reading, read in one batch, each with the adapter
+        of everything it read before. Contexts of any length share a batch: one that ends
+        leaves it, another can join at the next call (continuous batching)."""
         w = self.config.window
-        for start in range(0, len(ids), w):
-            window = torch.tensor([ids[start : start + w]], device=self.base.model.device)
-            factors = None if state is None else self.generator.lora(state)
-            state = add_states(state, self.read_window(window, None, factors)[0])
-        assert state is not None
-        return Adapter(state=state, tokens=tokens + len(ids), factors=self.generator.lora(state))
+        windows = [r.ids[r.read : r.read + w] for r in readings]
+        longest = max(map(len, windows))
+        ids = torch.tensor([x + [0] * (longest - len(x)) for x in windows])
+        mask = None
+        if any(len(x) < longest for x in windows):  # right padding, masked out of S
+            mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in windows])
+            mask = mask.to(self.base.model.device)
+        factors = _stacked([r.factors for r in readings])
+        state = self.read_window(ids.to(self.base.model.device), mask, factors)[0]
+        for i, (reading, window) in enumerate(zip(readings, windows, strict=True)):
+            reading.state = add_states(reading.state, {k: v[i : i + 1] for k, v in state.items()})
+            reading.read += len(window)
+            reading.factors = self.generator.lora(reading.state)
+
+    def adapt_ids(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Adapter:
+        """Read `ids` window by window, each with the adapter of everything before it applied."""
+        reading = self.start_reading(ids, state, tokens)
+        while not reading.done:
+            self.read_next([reading])
+        return reading.adapter()
 
     @torch.no_grad()
     def compose(self, parts: list[tuple[State, int]]) -> Adapter:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from generator.maker import AdapterMaker, load_maker
 from server.auth import ApiKeys
+from server.batcher import AdaptBatcher
 from server.body_limit import BodyLimit
 from server.engine import Engine, LoRAFolders, VllmEngine
 from server.errors import install_error_handlers
@@ -55,8 +56,9 @@ def create_app(
             settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
         )
         app.state.settings = settings
+        batcher = AdaptBatcher(adapter_maker, settings.adapt_batch)
         app.state.adapters = AdapterService(
-            adapter_maker, adapter_store, settings, app.state.limits
+            adapter_maker, adapter_store, settings, app.state.limits, batcher
         )
         app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
         log.info("ready: base model %r", app.state.adapters.base_name)
@@ -64,6 +66,7 @@ def create_app(
             yield
         finally:
             engine.shutdown()
+            batcher.close()
             folders.clear()
             await adapter_store.close()
 

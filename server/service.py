@@ -11,8 +11,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import NoReturn
 
-from generator.maker import AdapterMaker, EmptyContextError, MadeAdapter
+from generator.maker import AdapterMaker, MadeAdapter
 from server import metrics
+from server.batcher import AdaptBatcher
 from server.engine import Delta, Engine, LoRA, LoRAFolders, SamplingOptions, check_adapter_id
 from server.errors import (
     AdapterMismatch,
@@ -47,14 +48,14 @@ class AdapterService:
         store: AdapterStore,
         settings: Settings,
         limits: TenantLimits,
+        batcher: AdaptBatcher,
     ) -> None:
         self.maker = maker
+        self.batcher = batcher
         self.store = store
         self.settings = settings
         self.limits = limits
         self.base_name = settings.served_model_name or maker.base_model
-        # One generator run at a time: each already uses every core, and memory stays bounded.
-        self._generator_slot = asyncio.Semaphore(1)
 
     def context_text(self, request: AdaptRequest) -> str:
         """One canonical string per input, so equal inputs hash to equal ids."""
@@ -124,8 +125,8 @@ class AdapterService:
         try:
             # a tenant runs at most `tenant_adapts` generators at once (a 429 beyond); cache
             # hits and requests waiting for the same context take none
-            async with self.limits.adapting(tenant), self._generator_slot:
-                adapter = await asyncio.to_thread(self._make, ids, parent_state)
+            async with self.limits.adapting(tenant):
+                adapter = await self.batcher.make(ids, parent_state)
         finally:
             metrics.ADAPT_QUEUE.dec()
         return StoredAdapter(self._info(aid, adapter, tenant, parent=parent_id), adapter)
@@ -165,12 +166,6 @@ class AdapterService:
             tenant=tenant,
             sha256=digest(adapter),
         )
-
-    def _make(self, ids: list[int], parent_state: bytes | None) -> MadeAdapter:
-        try:
-            return self.maker.make(ids, parent_state)
-        except EmptyContextError as e:
-            raise EmptyContext(str(e), param="context") from e
 
     def check_compatible(self, info: AdapterInfo, extend: bool = False) -> None:
         """A stored adapter made for another base model or rank (or, to extend it, another

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     allow_insecure: bool = Field(
         False, description="serve without keys on an address other than loopback"
     )
+    adapt_batch: int = Field(
+        8, gt=0, description="contexts the generator reads in one batch (continuous batching)"
+    )
     tenant_adapts: int = Field(4, gt=0, description="adapts of one tenant running at once")
     tenant_requests_per_minute: int = Field(
         0, ge=0, description="requests per minute per tenant (0: no limit)"

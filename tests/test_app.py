@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
-from generator.maker import AdapterMaker, MadeAdapter
+from generator.maker import AdapterMaker, MadeAdapter, Reading
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, state_from_bytes
 from server.auth import ApiKeys
@@ -308,15 +308,15 @@ async def test_compose_refuses_an_adapter_of_another_generator(app: App) -> None
 
 @pytest.fixture
 def generator_runs(maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """One entry per generator run (the maker's make), for single-flight tests."""
+    """One entry per generator run (the maker's start of a reading), for single-flight tests."""
     runs: list[object] = []
-    real = maker.make
+    real = maker.start
 
-    def counting(ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
+    def counting(ids: list[int], parent_state: bytes | None = None) -> Reading:
         runs.append(ids)
         return real(ids, parent_state)
 
-    monkeypatch.setattr(maker, "make", counting)
+    monkeypatch.setattr(maker, "start", counting)
     return runs
 
 
@@ -537,7 +537,7 @@ async def test_failed_generation_leaves_nothing(
     def crash(*args: object) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(maker, "make", crash)
+    monkeypatch.setattr(maker, "read_next", crash)
     r = await app.client.post("/v1/adapt", json={"context": CONTEXT})
     error = assert_error(r, 500, "internal error")
     assert "out of memory" not in error["message"]  # internals stay in the log
@@ -713,15 +713,15 @@ async def test_a_tenant_over_its_adapts_at_once_gets_429(
 ) -> None:
     """Two adapts of one tenant at a time: a third, while they run, is refused at once."""
     started, release = asyncio.Event(), asyncio.Event()
-    real = maker.make
+    real = maker.start
 
-    def slow(ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
+    def slow(ids: list[int], parent_state: bytes | None = None) -> Reading:
         loop.call_soon_threadsafe(started.set)
         asyncio.run_coroutine_threadsafe(release.wait(), loop).result()
         return real(ids, parent_state)
 
     loop = asyncio.get_running_loop()
-    monkeypatch.setattr(maker, "make", slow)
+    monkeypatch.setattr(maker, "start", slow)
     async for app in start_app(maker, MemoryStore(1 << 30, 3600), tmp_path, tenant_adapts=2):
         running = [asyncio.create_task(app.adapt(context=f"text {i}")) for i in range(2)]
         await started.wait()

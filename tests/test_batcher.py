@@ -1,0 +1,108 @@
+"""Continuous batching of adapts: contexts read their windows together, equal to alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from generator.maker import AdapterMaker, MadeAdapter, Reading
+from generator.pipeline import AdapterPipeline
+from server.batcher import AdaptBatcher
+
+
+@pytest.fixture
+def maker(tiny_pipeline: AdapterPipeline) -> AdapterMaker:
+    return AdapterMaker(tiny_pipeline)
+
+
+@pytest.fixture
+def batches(maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every batch the generator reads."""
+    sizes: list[int] = []
+    real = maker.read_next
+
+    def recording(readings: list[Reading]) -> None:
+        sizes.append(len(readings))
+        real(readings)
+
+    monkeypatch.setattr(maker, "read_next", recording)
+    return sizes
+
+
+def assert_same_adapter(a: MadeAdapter, b: MadeAdapter) -> None:
+    """Equal up to float rounding: a batched matmul sums in another order than a single one."""
+    assert a.tokens == b.tokens
+    ta, tb = load(a.peft), load(b.peft)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5)
+
+
+async def test_contexts_adapted_at_once_share_batches_and_equal_alone(
+    maker: AdapterMaker, batches: list[int]
+) -> None:
+    contexts = [maker.tokenize(f"Context {i}. " + "Velloran. " * (3 * i)) for i in range(5)]
+    parent = maker.make(maker.tokenize("A parent context to continue."))
+    batcher = AdaptBatcher(maker, max_batch=8)
+    try:
+        made = await asyncio.gather(
+            *(batcher.make(ids) for ids in contexts), batcher.make(contexts[2], parent.state)
+        )
+    finally:
+        batcher.close()
+    assert max(batches) > 1  # read together, not one after the other
+    alone = [maker.make(ids) for ids in contexts] + [maker.make(contexts[2], parent.state)]
+    for a, b in zip(made, alone, strict=True):
+        assert_same_adapter(a, b)
+
+
+async def test_a_short_context_does_not_wait_for_a_long_one(maker: AdapterMaker) -> None:
+    batcher = AdaptBatcher(maker, max_batch=8)
+    try:
+        long = asyncio.create_task(batcher.make(maker.tokenize("A long one. " * 400)))
+        await asyncio.sleep(0.05)  # the long context is being read
+        short = await batcher.make(maker.tokenize("Short."))
+        assert short.tokens == len(maker.tokenize("Short.")) and not long.done()
+        assert (await long).tokens == len(maker.tokenize("A long one. " * 400))
+    finally:
+        batcher.close()
+
+
+async def test_a_cancelled_adapt_leaves_the_batch(
+    maker: AdapterMaker, batches: list[int], tiny_pipeline: AdapterPipeline
+) -> None:
+    ids = maker.tokenize("Abandoned. " * 400)  # hundreds of windows
+    batcher = AdaptBatcher(maker, max_batch=8)
+    try:
+        abandoned = asyncio.create_task(batcher.make(ids))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+        await batcher.make(maker.tokenize("Next."))  # runs after the abandoned one is dropped
+        read = len(batches)
+    finally:
+        batcher.close()
+    assert read < len(ids) / tiny_pipeline.config.window / 2  # far from all its windows
+
+
+async def test_a_failing_batch_fails_its_callers_and_the_next_adapt_works(
+    maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, calls = maker.read_next, []
+
+    def failing_once(readings: list[Reading]) -> None:
+        calls.append(len(readings))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        real(readings)
+
+    monkeypatch.setattr(maker, "read_next", failing_once)
+    batcher = AdaptBatcher(maker, max_batch=8)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await batcher.make(maker.tokenize("Fails."))
+        assert (await batcher.make(maker.tokenize("Works."))).tokens > 0
+    finally:
+        batcher.close()
