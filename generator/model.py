@@ -53,41 +53,48 @@ class ModuleGenerator(nn.Module):
         v = hn @ self.A3.T  # (b, n, d_r)
         return k.transpose(-1, -2) @ v  # (b, d_r, d_r)
 
-    def lora(self, s: Tensor, config: GeneratorConfig) -> tuple[Tensor, Tensor]:
-        """Normalize S (b, d_r, d_r); fold it into LoRA A (b, r', d_in) and B (b, d_out, r')."""
-        s = s.float()
-        if config.normalization == "svd":
-            u, v = _svd_factors(s, config.rank)  # (b, d_r, r) each
-            a = u.transpose(-1, -2) @ self.A1.float()
-            b = config.scaling * self.B.float() @ v
-        else:
-            s_bar = s / (torch.linalg.matrix_norm(s, keepdim=True) + 1e-12)
-            a = s_bar.transpose(-1, -2) @ self.A1.float()
-            b = (config.scaling * self.B.float()).expand(s.shape[0], -1, -1)
-        return a, b
+    def lora(self, left: Tensor, right: Tensor | None, scaling: float) -> tuple[Tensor, Tensor]:
+        """Fold a normalized S = left right^T (right None: the identity) into LoRA A
+        (b, r', d_in) = left^T A1 and B (b, d_out, r') = scaling B right."""
+        a = left.transpose(-1, -2) @ self.A1.float()
+        b = scaling * self.B.float()
+        return a, (b.expand(left.shape[0], -1, -1) if right is None else b @ right)
+
+
+def _normalized(s: Tensor, config: GeneratorConfig) -> tuple[Tensor, Tensor | None]:
+    """S (n, d_r, d_r) as left right^T: its top-r singular directions with unit singular values
+    (SVD), or S over its Frobenius norm and the identity."""
+    s = s.float()
+    if config.normalization == "svd":
+        return _svd_factors(s, config.rank)  # (n, d_r, r) each
+    return s / (torch.linalg.matrix_norm(s, keepdim=True) + 1e-12), None
 
 
 def _svd_factors(s: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """U, V of a rank-`rank` randomized SVD of each s in the batch. Directions past the numerical
-    rank of s (a context of fewer than `rank` tokens) are zero: they would be noise at full
-    weight, and their gradients explode, so such an s is decomposed again at its own rank."""
+    """U, V of a rank-`rank` randomized SVD of each s in the batch, all in one batched call.
+    Directions past the numerical rank of s (a context of fewer than `rank` tokens) are zero:
+    they would be noise at full weight, and their gradients explode, so such an s is
+    decomposed again at its own rank."""
     devices = [s.device] if s.device.type == "cuda" else []
-    us, vs = [], []
-    for matrix in s:
-        u, values, v = _seeded_svd_lowrank(matrix, rank, devices)
-        q = int((values > RANK_RTOL * values[0]).sum().clamp(min=1))
+    u, values, v = _seeded_svd_lowrank(s, rank, devices)
+    ranks = (values > RANK_RTOL * values[:, :1]).sum(-1).clamp(min=1).tolist()
+    if min(ranks) == rank:
+        return u, v
+    us, vs = list(u.unbind()), list(v.unbind())
+    for i, q in enumerate(ranks):
         if q < rank:
-            u, _, v = _seeded_svd_lowrank(matrix, q, devices)
-        us.append(F.pad(u, (0, rank - q)))
-        vs.append(F.pad(v, (0, rank - q)))
+            ui, _, vi = _seeded_svd_lowrank(s[i], q, devices)
+            us[i], vs[i] = F.pad(ui, (0, rank - q)), F.pad(vi, (0, rank - q))
     return torch.stack(us), torch.stack(vs)
 
 
 def _seeded_svd_lowrank(
     matrix: Tensor, q: int, devices: list[torch.device]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """torch.svd_lowrank under SVD_SEED. It draws from torch's global generator, so one thread
-    at a time: another thread seeding it mid-draw would change this adapter."""
+    """torch.svd_lowrank under SVD_SEED: its one random test matrix is shared by every matrix
+    of a batch, so each gets the result it would get alone. It draws from torch's global
+    generator, so one thread at a time: another thread seeding it mid-draw would change this
+    adapter."""
     with _GLOBAL_RNG, torch.random.fork_rng(devices=devices):
         torch.manual_seed(SVD_SEED)
         return torch.svd_lowrank(matrix, q=q, niter=2)
@@ -128,7 +135,18 @@ class AdapterGenerator(nn.Module):
         return {name: gen.state(hidden_states[layer], mask) for name, layer, gen in self._items()}
 
     def lora(self, state: State) -> LoRAFactors:
-        return {name: gen.lora(state[name], self.config) for name, _, gen in self._items()}
+        """Every module's factors; the normalizations of all modules and samples run as one
+        batch (thirty small SVDs per sample would each pay their own overhead)."""
+        items = self._items()
+        s = torch.stack([state[name] for name, _, _ in items])  # (modules, b, d_r, d_r)
+        left, right = _normalized(s.flatten(0, 1), self.config)
+        lefts = left.unflatten(0, s.shape[:2])
+        rights = None if right is None else right.unflatten(0, s.shape[:2])
+        scaling = self.config.scaling
+        return {
+            name: gen.lora(lefts[i], None if rights is None else rights[i], scaling)
+            for i, (name, _, gen) in enumerate(items)
+        }
 
 
 def add_states(a: State | None, b: State) -> State:
