@@ -170,6 +170,19 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
     report(result, scenarios.markdown(result, figure), scenarios.SECTION, args)
 
 
+def cmd_bench_cache(args: argparse.Namespace) -> None:
+    from benchmarks import cache
+
+    # a miss per request from up to 32 clients of one tenant: let them all run
+    settings = {"tenant_adapts": max(args.clients), **settings_overrides(args)}
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    result = cache.run(server_flags(settings), args.redis, args.log, args.clients, args.seconds)
+    png = args.json.with_suffix(".png")
+    cache.plot(result, png)
+    figure = Path(os.path.relpath(png, args.markdown.parent)).as_posix()
+    report(result, cache.markdown(result, figure), cache.SECTION, args)
+
+
 def cmd_bench_adapt(args: argparse.Namespace) -> None:
     from benchmarks import adapt
 
@@ -374,6 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", type=Path, default=Path("benchmarks/scenarios.log"), help="server log")
     add_server_args(p, skip=("host", "port", "max_model_len"))
     p.set_defaults(func=cmd_bench_scenarios)
+    p = bench.add_parser("cache", help="/v1/adapt hit and miss under load, memory and Redis")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="concurrency")
+    p.add_argument("--seconds", type=float, default=10, help="load per row")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="for the Redis store")
+    p.add_argument("--json", type=Path, default=Path("benchmarks/cache.json"))
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--log", type=Path, default=Path("benchmarks/cache.log"), help="server log")
+    add_server_args(p, skip=("host", "port", "redis_url", "redis_prefix"))
+    p.set_defaults(func=cmd_bench_cache)
     p = bench.add_parser("adapt", help="adapt time next to one base forward pass (the floor)")
     p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="context lengths")
     p.add_argument("--json", type=Path, default=Path("benchmarks/adapt.json"))

@@ -58,3 +58,22 @@ def test_scenarios_benchmark_runs_quick(tmp_path: Path) -> None:
     assert all(r["ratio"] > 0 for r in result["prefill_vs_adapt"] + result["one_document"])
     assert "| 3 | 3 documents of 64 tokens" in md.read_text()
     assert (tmp_path / "scenarios.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_cache_benchmark_loads_both_stores(tmp_path: Path) -> None:
+    """`genadapter bench cache` in miniature: hits and misses on memory and Redis, no errors."""
+    md = tmp_path / "BENCHMARKS.md"
+    subprocess.run(
+        [sys.executable, "-m", "genadapter.cli", "bench", "cache", "--clients", "1", "2"]
+        + ["--seconds", "1", "--json", str(tmp_path / "cache.json"), "--markdown", str(md)]
+        + ["--log", str(tmp_path / "server.log")],
+        check=True,
+        timeout=1200,
+    )
+    rows = json.loads((tmp_path / "cache.json").read_text())["rows"]
+    assert {(r["store"], r["mode"], r["clients"]) for r in rows} == {
+        (s, m, c) for s in ("memory", "redis") for m in ("hit", "miss") for c in (1, 2)
+    }
+    assert all(r["requests"] > 0 and not r["errors"] for r in rows)
+    assert "| redis | miss | 2 |" in md.read_text()
