@@ -31,7 +31,12 @@ class Settings(BaseSettings):
         0, ge=0, description="requests per minute per tenant (0: no limit)"
     )
     redis_url: str | None = Field(None, description="None: in-process store")
-    redis_prefix: str = Field("genadapter", description="prefix of this server's Redis keys")
+    redis_prefix: str = Field(
+        "genadapter",
+        pattern=r"^[^{}]*$",  # braces would move the keys' Redis Cluster hash slots
+        description="prefix of this server's Redis keys",
+    )
+    redis_cluster: bool = Field(False, description="the Redis URL names a node of a Redis Cluster")
     adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")
     memory_store_bytes: int = Field(2 << 30, gt=0, description="in-process store LRU budget")
     lock_timeout_s: float = Field(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from redis.crc import key_slot
 
 from generator.maker import MadeAdapter
 from server.errors import StoreUnavailable
@@ -40,24 +42,44 @@ def entry(n: int, size: int = 100) -> StoredAdapter:
     return StoredAdapter(info, adapter)
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.slow)])
+REDIS_KINDS = [
+    pytest.param("redis", marks=pytest.mark.slow),
+    pytest.param("cluster", marks=pytest.mark.slow),
+]
+redis_kinds = pytest.mark.parametrize("make_store", REDIS_KINDS, indirect=True)
+
+
+@pytest.fixture(params=["memory", *REDIS_KINDS])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
-    """Stores of one kind; Redis ones share one key prefix."""
-    prefix = request.getfixturevalue("prefix") if request.param == "redis" else ""
+    """Stores of one kind: in memory, on Redis, on a Redis Cluster. Redis ones share a key
+    prefix; on the cluster each store connects through another node, as servers would."""
+    urls, cluster, prefix = [REDIS_URL], False, ""
+    if request.param == "redis":
+        prefix = request.getfixturevalue("prefix")
+    elif request.param == "cluster":
+        urls, cluster = request.getfixturevalue("redis_cluster"), True
+        prefix = f"test-{uuid.uuid4().hex}"  # the cluster is this session's alone
     made: list[AdapterStore] = []
 
-    def make(ttl_s: float = 60, budget: int = 1 << 20) -> AdapterStore:
+    def make(ttl_s: float = 60, budget: int = 1 << 20, lock_timeout_s: float = 30) -> AdapterStore:
         store: AdapterStore
         if request.param == "memory":
             store = MemoryStore(budget, ttl_s)
         else:
-            store = RedisStore(REDIS_URL, ttl_s, prefix=prefix, lock_timeout_s=30)
+            url = urls[len(made) % len(urls)]
+            store = RedisStore(url, ttl_s, prefix, lock_timeout_s, cluster=cluster)
         made.append(store)
         return store
 
     yield make
     for store in made:
         await store.close()
+
+
+def redis_store(make_store: MakeStore, **kwargs: float) -> RedisStore:
+    store = make_store(**kwargs)
+    assert isinstance(store, RedisStore)
+    return store
 
 
 async def test_put_get_touch_list_delete(make_store: MakeStore) -> None:
@@ -140,10 +162,10 @@ async def test_memory_store_evicts_least_recently_used() -> None:
     assert store.nbytes <= store.budget_bytes
 
 
-@pytest.mark.slow
-async def test_redis_entry_missing_a_part_reads_as_missing(prefix: str) -> None:
+@redis_kinds
+async def test_redis_entry_missing_a_part_reads_as_missing(make_store: MakeStore) -> None:
     """Under allkeys-lru Redis may evict one key of an entry; the rest is then dropped."""
-    store = RedisStore(REDIS_URL, ttl_s=60, prefix=prefix)
+    store = redis_store(make_store)
     keys = [store._key(entry(6).info.id, p) for p in PARTS]
     for part in PARTS:
         a = entry(6)
@@ -153,7 +175,6 @@ async def test_redis_entry_missing_a_part_reads_as_missing(prefix: str) -> None:
         assert await store.touch(a.info.id) is None
         assert await store.redis.exists(*keys) == 0
         assert await store.list("") == []
-    await store.close()
 
 
 async def test_unreachable_redis_raises_store_unavailable() -> None:
@@ -166,11 +187,11 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
     await store.close()
 
 
-@pytest.mark.slow
-async def test_redis_lock_outlives_its_timeout_while_the_adapt_runs(prefix: str) -> None:
+@redis_kinds
+async def test_redis_lock_outlives_its_timeout_while_the_adapt_runs(make_store: MakeStore) -> None:
     """An adapt longer than lock_timeout_s keeps its lock (it is renewed): two servers still
     run the generator once. A lock that merely expired let the second server run it again."""
-    stores = [RedisStore(REDIS_URL, 60, prefix=prefix, lock_timeout_s=0.3) for _ in range(2)]
+    stores = [make_store(lock_timeout_s=0.3) for _ in range(2)]
     a = entry(8)
     calls = 0
 
@@ -183,25 +204,34 @@ async def test_redis_lock_outlives_its_timeout_while_the_adapt_runs(prefix: str)
     results = await asyncio.gather(*(s.get_or_create(a.info.id, slow_factory) for s in stores))
     assert calls == 1
     assert sorted(created for _, created in results) == [False, True]
-    for s in stores:
-        await s.close()
 
 
-@pytest.mark.slow
+@redis_kinds
 async def test_redis_list_reads_the_index_not_the_keyspace(
-    prefix: str, monkeypatch: pytest.MonkeyPatch
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Listing never SCANs (which walks every key of the database) nor reads the entries; an
-    expired entry leaves the index."""
-    store = RedisStore(REDIS_URL, ttl_s=0.5, prefix=prefix)
+    """Listing never SCANs (which walks every key of the database, on a cluster every node's)
+    nor reads the entries; an expired entry leaves the index."""
+    store = redis_store(make_store, ttl_s=0.5)
     await store.put(entry(9))
     for command in ("scan_iter", "scan", "mget", "get", "keys"):
         monkeypatch.setattr(store.redis, command, None)
     assert [x.id for x in await store.list("")] == [entry(9).info.id]
     await asyncio.sleep(0.7)
     assert await store.list("") == []
-    assert await store.redis.zcard(store.expiry_key) == 0
-    await store.close()
+    assert await store.redis.zcard(store._index_key("")) == 0
+
+
+def test_an_adapters_keys_share_a_cluster_slot() -> None:
+    """Its parts and its lock hash to one slot (one transaction writes them, one node holds
+    the lock); adapters spread over slots; a tenant's index key is tagged with the tenant."""
+    store = RedisStore("redis://127.0.0.1:1/0", 60, "p", cluster=True)  # connects on first use
+    slots = [
+        {key_slot(store._key(entry(n).info.id, p).encode()) for p in (*PARTS, "lock")}
+        for n in range(20)
+    ]
+    assert all(len(s) == 1 for s in slots) and len(set.union(*slots)) > 10
+    assert key_slot(store._index_key("alice").encode()) == key_slot(b"alice")
 
 
 async def test_listing_is_per_tenant(make_store: MakeStore) -> None:
