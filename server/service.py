@@ -192,7 +192,7 @@ class AdapterService:
     async def delete(self, aid: str, tenant: str) -> bool:
         await self.info(aid, tenant)
         if not await self.store.delete(aid):
-            raise AdapterNotFound(f"adapter {aid} not found")
+            raise gone(aid)
         return True
 
     async def list(self, tenant: str) -> list[Listed]:
@@ -251,7 +251,7 @@ class GenerationService:
             self.adapters.check_compatible(info)
             stored = await self.store.get(aid)
             if stored is None:
-                raise AdapterNotFound(f"adapter {aid} not found (expired just now)")
+                raise gone(aid)  # expired or evicted just now
             return self.folders.add(aid, stored.adapter)
 
     async def use_model(self, model: str | None, tenant: str) -> None:
@@ -334,8 +334,17 @@ def owned(info: AdapterInfo | None, aid: str, tenant: str) -> AdapterInfo:
     """The metadata if the adapter exists and is `tenant`'s; another's is a 404 like a missing
     one, so a tenant cannot learn what others have."""
     if info is None or info.tenant != tenant:
-        raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
+        raise gone(aid)
     return info
+
+
+def gone(aid: str) -> AdapterNotFound:
+    """One answer for every missing adapter, so a tenant learns nothing of others'; it says what
+    to do in the common case, an adapter unused past its TTL or evicted from a full store."""
+    return AdapterNotFound(
+        f"adapter {aid} not found: it expired (unused past its TTL, or evicted from a full "
+        "store), was deleted or never existed; adapt its context again"
+    )
 
 
 def too_long(tokens: str, limit: int) -> ContextTooLong:

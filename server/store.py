@@ -30,6 +30,7 @@ from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import LockError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from generator.maker import MadeAdapter
 from server.errors import StoreUnavailable
@@ -39,6 +40,10 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 PARTS = ("peft", "config", "state", "meta")
+PROBE_TTL_MS = 10_000  # the health probe's key outlives no check by much
+PROBE_TIMEOUT_S = 2  # a Redis paused by CLIENT PAUSE blocks writes rather than refusing them
+FAILED_PUT_SHOWN_S = 60  # how long /health reports an adapter the store could not take
+PIPELINE_ERROR = " of pipeline caused error: "  # how redis-py annotates a pipeline's errors
 
 
 def digest(adapter: MadeAdapter) -> str:
@@ -220,6 +225,8 @@ class RedisStore(AdapterStore):
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.prefix = prefix
         self.lock_timeout_s = lock_timeout_s
+        self._probe_key = f"{prefix}:health"
+        self._failed_put: tuple[float, str] | None = None  # when and why the last put failed
         # Binary-safe (no decode_responses); fail fast so a request gets 503 instead of hanging.
         client = RedisCluster if cluster else aioredis.Redis
         self.redis: aioredis.Redis | RedisCluster = client.from_url(
@@ -238,11 +245,12 @@ class RedisStore(AdapterStore):
         return f"{self.prefix}:tenant:{{{tenant}}}:adapters"
 
     @contextlib.contextmanager
-    def _reachable(self) -> Iterator[None]:
+    def _reachable(self, failure: str = "unavailable") -> Iterator[None]:
         try:
             yield
         except RedisError as e:
-            raise StoreUnavailable(f"adapter store (Redis at {self.url}) unavailable: {e}") from e
+            message = f"adapter store (Redis at {self.url}) {failure}: {reason(e)}"
+            raise StoreUnavailable(message) from e
 
     async def _read(self, adapter_id: str) -> StoredAdapter | None:
         with self._reachable():
@@ -283,14 +291,19 @@ class RedisStore(AdapterStore):
             "state": a.state,
             "meta": adapter.info.model_dump_json(),
         }
-        with self._reachable():
-            async with self.redis.pipeline(transaction=True) as p:  # MULTI/EXEC: all or nothing
-                for part in PARTS:
-                    p.set(self._key(aid, part), values[part], px=self.ttl_ms)
-                await p.execute()
-            await self.redis.zadd(
-                self._index_key(adapter.info.tenant), {aid: adapter.info.created_at}
-            )
+        try:
+            with self._reachable("could not store the adapter"):
+                async with self.redis.pipeline(transaction=True) as p:  # MULTI/EXEC: all or none
+                    for part in PARTS:
+                        p.set(self._key(aid, part), values[part], px=self.ttl_ms)
+                    await p.execute()
+                await self.redis.zadd(
+                    self._index_key(adapter.info.tenant), {aid: adapter.info.created_at}
+                )
+        except StoreUnavailable as e:
+            self._failed_put = (time.monotonic(), e.message)
+            raise
+        self._failed_put = None
 
     async def delete(self, adapter_id: str) -> bool:
         """Its parts go; its tenant's listing drops it from the index next time."""
@@ -351,11 +364,38 @@ class RedisStore(AdapterStore):
             await lock.reacquire()
 
     async def ping(self) -> None:
-        with self._reachable():
-            await self.redis.ping()
+        """Reachable and taking writes: a Redis out of memory (OOM under `noeviction`), failing
+        to persist (MISCONF), a read-only replica (READONLY) or a paused one still answers PING
+        but refuses (or holds) every adapt's write, so a small key with a short expiry is
+        written too. One with room for that key but not for an adapter passes it: a put that
+        failed in the last FAILED_PUT_SHOWN_S counts too. On a cluster, PING reaches every
+        node and the key one of them."""
+        checks: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+            ("unavailable", self.redis.ping),
+            ("refuses writes", lambda: self.redis.set(self._probe_key, b"1", px=PROBE_TTL_MS)),
+        )
+        for failure, command in checks:
+            with self._reachable(failure):
+                try:
+                    await asyncio.wait_for(command(), PROBE_TIMEOUT_S)
+                except asyncio.TimeoutError as e:
+                    raise RedisTimeoutError(f"no answer in {PROBE_TIMEOUT_S} s (paused?)") from e
+        if self._failed_put is not None:
+            age = time.monotonic() - self._failed_put[0]
+            if age < FAILED_PUT_SHOWN_S:
+                raise StoreUnavailable(f"{self._failed_put[1]} ({age:.0f} s ago)")
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+def reason(e: RedisError) -> str:
+    """Redis's own words (`OOM command not allowed ...`), without the command that redis-py's
+    pipelines put before them: a key and the start of the bytes stored under it."""
+    _, annotated, words = str(e).rpartition(PIPELINE_ERROR)
+    if annotated:  # the async pipeline quotes the error's arguments as a tuple
+        words = words.strip("(),'\"")
+    return f"{e.status_code} {words}" if e.status_code else words
 
 
 def redacted(url: str) -> str:

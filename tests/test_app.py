@@ -11,9 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import subprocess
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +40,7 @@ from server.vllm_openai import (
     OpenAIResult,
 )
 from tests.conftest import REDIS_URL, random_generator, tiny_llama
+from tests.redis_servers import redis_server
 
 CONTEXT = "Zorblat is a small planet. Its capital is Velloran, famous for purple oceans."
 
@@ -560,20 +558,7 @@ async def test_engine_failures(app: App) -> None:
     assert metric(text, "genadapter_generation_requests_in_flight") == 0  # both failures ended
 
 
-# --- Redis down and back -----------------------------------------------------------------------
-
-
-def start_redis(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
+# --- Redis down, full or evicting --------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -581,31 +566,75 @@ async def test_redis_down_is_503_and_the_server_recovers(
     maker: AdapterMaker, tmp_path: Path
 ) -> None:
     port = free_port()
-    redis = start_redis(port)
     store = RedisStore(f"redis://127.0.0.1:{port}/0", ttl_s=3600)
-    try:
-        async for app in start_app(maker, store, tmp_path):
+    async for app in start_app(maker, store, tmp_path):
+        with redis_server(tmp_path / "redis", port=port):
             aid = (await app.adapt(context=CONTEXT))["adapter_id"]
-            redis.terminate()
-            redis.wait()
-            for r in (
-                await app.client.post("/v1/adapt", json={"context": CONTEXT}),
-                await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"}),
-                await app.client.get(f"/v1/adapters/{aid}"),
-            ):
-                assert_error(r, 503, f"Redis at redis://127.0.0.1:{port}/0) unavailable")
-            health = await app.client.get("/health")
-            assert health.status_code == 503 and "unavailable" in health.json()["store"]
-            base = await app.client.post("/v1/generate", json={"prompt": "x", "max_tokens": 1})
-            assert base.status_code == 200  # the base model needs no store
+        for r in (
+            await app.client.post("/v1/adapt", json={"context": CONTEXT}),
+            await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"}),
+            await app.client.get(f"/v1/adapters/{aid}"),
+        ):
+            assert_error(r, 503, f"Redis at redis://127.0.0.1:{port}/0) unavailable")
+        health = await app.client.get("/health")
+        assert health.status_code == 503 and "unavailable" in health.json()["store"]
+        base = await app.client.post("/v1/generate", json={"prompt": "x", "max_tokens": 1})
+        assert base.status_code == 200  # the base model needs no store
 
-            redis = start_redis(port)  # back, empty (no persistence)
+        with redis_server(tmp_path / "redis", port=port):  # back, empty (no persistence)
             assert (await app.client.get("/health")).status_code == 200
             again = await app.adapt(context=CONTEXT)
             assert (again["adapter_id"], again["cached"]) == (aid, False)
-    finally:
-        redis.terminate()
-        redis.wait()
+
+
+@pytest.mark.slow
+async def test_a_redis_that_refuses_writes_fails_health(
+    maker: AdapterMaker, tmp_path: Path, generator_runs: list[object]
+) -> None:
+    """A full Redis (noeviction) still answers PING: /health's write probe tells it, with
+    Redis's reason and without the password, and an adapt is a 503 before the generator runs."""
+    with redis_server(tmp_path / "redis", "--maxmemory-policy", "noeviction") as url:
+        admin = RedisStore(url, 60).redis
+        await admin.config_set("requirepass", "s3cret")
+        store = RedisStore(url.replace("redis://", "redis://:s3cret@"), ttl_s=3600)
+        async for app in start_app(maker, store, tmp_path):
+            assert (await app.client.get("/health")).status_code == 200
+            await admin.config_set("maxmemory", "1")
+            health = await app.client.get("/health")
+            assert health.status_code == 503
+            assert "refuses writes: OOM command not allowed" in health.json()["store"]
+            r = await app.client.post("/v1/adapt", json={"context": CONTEXT})
+            assert_error(r, 503, "OOM command not allowed")
+            assert generator_runs == []  # its lock could not be taken: nothing ran for nothing
+            assert "s3cret" not in health.text + r.text
+            await admin.config_set("maxmemory", "0")
+            assert (await app.client.get("/health")).status_code == 200
+        await admin.aclose()
+
+
+@pytest.mark.slow
+async def test_an_evicted_adapter_is_a_404_and_leaves_the_listing(
+    maker: AdapterMaker, tmp_path: Path, prefix: str
+) -> None:
+    """Redis under allkeys-lru evicts keys one by one: an adapter that lost one is not listed,
+    and using it is a 404 that says to adapt again (which makes it anew)."""
+    store = RedisStore(REDIS_URL, ttl_s=3600, prefix=prefix)
+    async for app in start_app(maker, store, tmp_path):
+        aid = (await app.adapt(context=CONTEXT))["adapter_id"]
+        kept = (await app.adapt(context="Another context."))["adapter_id"]
+        await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"})  # in use
+        await store.redis.delete(store._key(aid, "peft"))  # what eviction leaves
+        models = [m["id"] for m in (await app.client.get("/v1/models")).json()["data"]]
+        assert aid not in models and kept in models
+        chat = {"model": aid, "messages": [{"role": "user", "content": "x"}]}
+        for r in (
+            await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"}),
+            await app.client.post("/v1/chat/completions", json=chat),
+            await app.client.get(f"/v1/adapters/{aid}"),
+        ):
+            assert_error(r, 404, "it expired (unused past its TTL, or evicted from a full store)")
+            assert "adapt its context again" in r.json()["error"]["message"]
+        assert (await app.adapt(context=CONTEXT))["cached"] is False
 
 
 @pytest.mark.slow

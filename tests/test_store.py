@@ -6,6 +6,8 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from redis.crc import key_slot
@@ -24,6 +26,7 @@ from server.store import (
     digest,
 )
 from tests.conftest import REDIS_URL
+from tests.redis_servers import redis_server
 
 MakeStore = Callable[..., AdapterStore]
 
@@ -181,7 +184,7 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
     """Clear errors that never show the URL's password."""
     store = RedisStore(f"redis://:s3cret@127.0.0.1:{free_port()}/0", ttl_s=60)
     for call in (store.ping(), store.get(entry(7).info.id), store.put(entry(7)), store.list("")):
-        with pytest.raises(StoreUnavailable, match="unavailable") as e:
+        with pytest.raises(StoreUnavailable, match="unavailable|could not store") as e:
             await call
         assert "s3cret" not in e.value.message and ":***@127.0.0.1" in e.value.message
     await store.close()
@@ -256,3 +259,102 @@ async def test_an_entry_whose_bytes_changed_is_removed_not_returned(make_store: 
     await store.put(StoredAdapter(info, flipped))  # as a disk or memory fault would leave it
     assert await store.get(info.id) is None
     assert await store.touch(info.id) is None  # removed, not only refused
+
+
+# --- a Redis that evicts, is full, read-only or paused (private servers: settings change) ---
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["volatile-lru", "allkeys-lru"])
+async def test_under_lru_eviction_listing_shows_only_whole_adapters(
+    tmp_path: Path, policy: str
+) -> None:
+    """Entries past `maxmemory` lose keys to eviction; listing names only whole ones and drops
+    the others from the index (their remains deleted), and those read as missing. Under
+    volatile-lru only keys with a TTL (the entries) go, never an index; under allkeys-lru the
+    index itself may go, and the listing then misses adapters that are still whole."""
+    with redis_server(tmp_path, "--maxmemory", "4mb", "--maxmemory-policy", policy) as url:
+        store = RedisStore(url, 60)
+        made = [entry(n, size=100_000) for n in range(40)]  # about 8 MB in all
+        for a in made:
+            await store.put(a)
+        index = store._index_key("")
+        kept = policy == "volatile-lru"
+        assert await store.redis.zcard(index) == len(made) or not kept
+        listed = {x.id for x in await store.list("")}
+        for a in made:
+            found = await store.redis.exists(*(store._key(a.info.id, p) for p in PARTS))
+            if a.info.id in listed:
+                assert found == len(PARTS) and await store.get(a.info.id) == a
+            elif kept:
+                assert found == 0 and await store.get(a.info.id) is None
+        if kept:
+            assert 0 < len(listed) < len(made) and await store.redis.zcard(index) == len(listed)
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_a_full_redis_refuses_writes_and_says_so(tmp_path: Path) -> None:
+    """Under `noeviction` a Redis without room for an adapter refuses it (OOM) but answers PING
+    and may take a small key: the failed put is reported for a while, a Redis with no room at
+    all fails the write probe. A refused entry leaves nothing, stored ones still read, and no
+    message shows the password."""
+    with redis_server(tmp_path, "--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as url:
+        admin = RedisStore(url, 60).redis
+        await admin.config_set("requirepass", "s3cret")
+        store = RedisStore(url.replace("redis://", "redis://:s3cret@"), 60)
+        await store.ping()
+        first = entry(1, size=100_000)
+        await store.put(first)
+        full = "could not store the adapter: OOM command not allowed when used memory"
+        with pytest.raises(StoreUnavailable, match=full) as refused:
+            for n in range(2, 40):
+                await store.put(entry(n, size=100_000))
+        with pytest.raises(StoreUnavailable, match=rf"{full} .* \(0 s ago\)") as failed_put:
+            await store.ping()
+        await admin.config_set("maxmemory", "1")  # no room for anything
+        with pytest.raises(StoreUnavailable, match="refuses writes: OOM command") as probe:
+            await store.ping()
+        for e in (refused, failed_put, probe):
+            assert "s3cret" not in e.value.message and ":***@127.0.0.1" in e.value.message
+        assert await store.get(first.info.id) == first
+        listed = await store.list("")
+        assert [x.id for x in listed] == [entry(n).info.id for n in range(1, len(listed) + 1)]
+        assert await store.get(entry(len(listed) + 1).info.id) is None  # the refused one
+        await admin.config_set("maxmemory", "0")  # room again: the next put clears the report
+        await store.put(entry(40))
+        await store.ping()
+        await store.close()
+        await admin.aclose()
+
+
+@pytest.mark.slow
+async def test_a_read_only_replica_refuses_writes_and_says_so(tmp_path: Path) -> None:
+    with (
+        redis_server(tmp_path / "primary") as primary,
+        redis_server(tmp_path / "replica", "--replicaof", "127.0.0.1", port(primary)) as replica,
+    ):
+        store = RedisStore(replica, 60)
+        with pytest.raises(StoreUnavailable, match="refuses writes: READONLY"):
+            await store.ping()
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_a_paused_redis_is_reported_not_waited_for(tmp_path: Path) -> None:
+    """CLIENT PAUSE WRITE holds writes without refusing them: the probe gives up in seconds."""
+    with redis_server(tmp_path) as url:
+        store, admin = RedisStore(url, 60), RedisStore(url, 60).redis
+        await admin.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"refuses writes: no answer in 2 s \(paused"):
+            await store.ping()
+        assert time.monotonic() - start < 4
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await store.ping()  # the same client recovers
+        await store.close()
+        await admin.aclose()
+
+
+def port(url: str) -> str:
+    return str(urlsplit(url).port)
