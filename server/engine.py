@@ -21,7 +21,7 @@ from typing import Literal, Protocol, get_args
 
 from fastapi import Request
 
-from generator.maker import AdapterMaker, MadeAdapter
+from generator.maker import MadeAdapter, ServedModel
 from server.errors import EngineUnavailable, InvalidAdapterId
 from server.protocol import ADAPTER_ID_PATTERN, FinishReason
 from server.settings import Settings
@@ -206,7 +206,7 @@ class VllmEngine:
 
     openai: OpenAILayer
 
-    def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
+    def __init__(self, settings: Settings, model: ServedModel) -> None:
         from server.vllm_env import apply_vllm_env, engine_dtype
 
         apply_vllm_env(settings.kv_cache_gib)
@@ -214,13 +214,13 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
-            model=str(maker.base_model_path),
+            model=str(model.base_model_path),
             enable_lora=True,
-            max_lora_rank=vllm_rank(maker.lora_rank),
+            max_lora_rank=vllm_rank(model.lora_rank),
             # Only the modules our adapters change carry LoRA layers: the others would cost
             # every request their LoRA kernels for nothing, and vLLM 0.32's LoRA-wrapped lm_head
             # fails on prompt logprobs on a CPU (and takes the engine down with it).
-            lora_target_modules=maker.target_modules,
+            lora_target_modules=model.target_modules,
             max_loras=settings.max_loras,
             max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
             dtype=engine_dtype(settings.dtype),
@@ -228,7 +228,7 @@ class VllmEngine:
             seed=0,
         )
         self.llm = AsyncLLM.from_engine_args(args)
-        self._openai_args = (maker.base_model_path, settings.served_model_name or maker.base_model)
+        self._openai_args = (model.base_model_path, settings.served_model_name or model.base_model)
 
     async def start(self) -> None:
         self.openai = await VllmOpenAI.start(self.llm, *self._openai_args)

@@ -14,7 +14,7 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from generator.maker import AdapterMaker, load_maker
+from generator.maker import AdapterMaker, ServedModel, load_maker, load_served_model
 from server.auth import ApiKeys
 from server.body_limit import BodyLimit
 from server.engine import Engine, LoRAFolders, VllmEngine
@@ -27,7 +27,7 @@ from server.store import AdapterStore, open_store
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings, AdapterMaker], Engine]
+EngineFactory = Callable[[Settings, ServedModel], Engine]
 
 
 def create_app(
@@ -42,29 +42,29 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        adapter_maker = maker
-        if adapter_maker is None:
-            adapter_maker = await asyncio.to_thread(
-                load_maker, settings.base_model, settings.generator
-            )
+        model: ServedModel | None = maker
+        if model is None:  # role generate: no generator, and vLLM alone loads the weights
+            load = load_served_model if settings.role == "generate" else load_maker
+            model = await asyncio.to_thread(load, settings.base_model, settings.generator)
         adapter_store = store or open_store(settings)
-        log.info("starting the engine for %s", adapter_maker.base_model_path)
-        engine = engine_factory(settings, adapter_maker)
-        await engine.start()
-        folders = LoRAFolders(
-            settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
-        )
         app.state.settings = settings
-        app.state.adapters = AdapterService(
-            adapter_maker, adapter_store, settings, app.state.limits
-        )
-        app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
-        log.info("ready: base model %r", app.state.adapters.base_name)
+        app.state.adapters = AdapterService(model, adapter_store, settings, app.state.limits)
+        app.state.generation = None
+        if settings.role != "adapt":
+            log.info("starting the engine for %s", model.base_model_path)
+            engine = engine_factory(settings, model)
+            await engine.start()
+            folders = LoRAFolders(
+                settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
+            )
+            app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
+        log.info("ready: role %s, base model %r", settings.role, app.state.adapters.base_name)
         try:
             yield
         finally:
-            engine.shutdown()
-            folders.clear()
+            if app.state.generation is not None:
+                app.state.generation.engine.shutdown()
+                app.state.generation.folders.clear()
             await adapter_store.close()
 
     app = FastAPI(
@@ -103,6 +103,11 @@ def serve(settings: Settings) -> None:
         raise SystemExit(
             f"genadapter serve: error: no API keys to serve on {settings.host}: set "
             "GENADAPTER_API_KEYS (or --api-keys-file), or pass --allow-insecure"
+        )
+    if settings.role != "all" and not settings.redis_url:
+        raise SystemExit(
+            f"genadapter serve: error: role {settings.role!r} shares its adapters with the "
+            "other role's servers through Redis: set GENADAPTER_REDIS_URL"
         )
 
     uvicorn.run(

@@ -225,5 +225,6 @@ class GenerateStreamResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     ready: bool
+    role: str = Field(description="all, adapt (generator only) or generate (engine only)")
     engine: str = Field(description="'ok' or why not")
     store: str = Field(description="'ok' or why not")

@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import NoReturn
 
-from generator.maker import AdapterMaker, EmptyContextError, MadeAdapter
+from generator.maker import AdapterMaker, EmptyContextError, MadeAdapter, ServedModel
 from server import metrics
 from server.engine import Delta, Engine, LoRA, LoRAFolders, SamplingOptions, check_adapter_id
 from server.errors import (
@@ -22,6 +22,7 @@ from server.errors import (
     EngineUnavailable,
     InvalidRequest,
     ModelNotFound,
+    RoleNotServed,
     ServerError,
 )
 from server.limits import TenantLimits
@@ -43,7 +44,7 @@ class AdapterService:
 
     def __init__(
         self,
-        maker: AdapterMaker,
+        maker: ServedModel,
         store: AdapterStore,
         settings: Settings,
         limits: TenantLimits,
@@ -55,6 +56,14 @@ class AdapterService:
         self.base_name = settings.served_model_name or maker.base_model
         # One generator run at a time: each already uses every core, and memory stays bounded.
         self._generator_slot = asyncio.Semaphore(1)
+
+    @property
+    def generator(self) -> AdapterMaker:
+        """The model with its generator, which a server of role `generate` does not load (its
+        routes refuse adapting first: server.deps.check_role)."""
+        if not isinstance(self.maker, AdapterMaker):
+            raise RoleNotServed("this server loads no generator: its role is 'generate'")
+        return self.maker
 
     def context_text(self, request: AdaptRequest) -> str:
         """One canonical string per input, so equal inputs hash to equal ids."""
@@ -73,14 +82,14 @@ class AdapterService:
         start = time.perf_counter()
         if request.compose is not None:
             parts = sorted(check_adapter_id(a) for a in request.compose)  # order-independent
-            aid = self.maker.composed_id(parts, tenant)
+            aid = self.generator.composed_id(parts, tenant)
             stored, created = await self.store.get_or_create(
                 aid, lambda: self._compose(aid, parts, tenant)
             )
         else:
             text, ids = await self.context_ids(request)
             parent = None if request.parent is None else check_adapter_id(request.parent)
-            aid = self.maker.adapter_id(text, parent, tenant)
+            aid = self.generator.adapter_id(text, parent, tenant)
             stored, created = await self.store.get_or_create(
                 aid, lambda: self._create(aid, ids, parent, tenant)
             )
@@ -134,7 +143,7 @@ class AdapterService:
         """The sum of the adapters' raw states, as if their contexts were windows of one: no
         text is read, so no generator slot is taken."""
         parts = [await self._extendable(p, "compose", tenant) for p in part_ids]
-        adapter = await asyncio.to_thread(self.maker.compose, [p.adapter.state for p in parts])
+        adapter = await asyncio.to_thread(self.generator.compose, [p.adapter.state for p in parts])
         return StoredAdapter(self._info(aid, adapter, tenant, composed=part_ids), adapter)
 
     async def _extendable(self, aid: str, param: str, tenant: str) -> StoredAdapter:
@@ -158,7 +167,7 @@ class AdapterService:
             created_at=now(),
             tokens=adapter.tokens,
             base_model=self.base_name,
-            fingerprint=self.maker.fingerprint,
+            fingerprint=self.generator.fingerprint,
             lora_rank=self.maker.lora_rank,
             parent=parent,
             composed=composed,
@@ -168,7 +177,7 @@ class AdapterService:
 
     def _make(self, ids: list[int], parent_state: bytes | None) -> MadeAdapter:
         try:
-            return self.maker.make(ids, parent_state)
+            return self.generator.make(ids, parent_state)
         except EmptyContextError as e:
             raise EmptyContext(str(e), param="context") from e
 
@@ -177,7 +186,7 @@ class AdapterService:
         generator) cannot be used here: say which, instead of failing inside vLLM."""
         want = {"base_model": self.base_name, "lora_rank": self.maker.lora_rank}
         if extend:
-            want["fingerprint"] = self.maker.fingerprint
+            want["fingerprint"] = self.generator.fingerprint
         for field, value in want.items():
             if getattr(info, field) != value:
                 raise AdapterMismatch(

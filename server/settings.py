@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["all", "adapt", "generate"]
 
 
 class Settings(BaseSettings):
@@ -15,6 +18,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
+    role: Role = Field(
+        "all", description="all: generator and engine; adapt: the generator; generate: the engine"
+    )
     base_model: str | None = Field(None, description="HF folder or .gguf (default: SmolLM2)")
     generator: Path | None = Field(None, description="generator folder (default: shipped one)")
     served_model_name: str | None = Field(None, description="base model's API name")

@@ -22,9 +22,9 @@ from pydantic import BaseModel
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
-from generator.maker import AdapterMaker, MadeAdapter
+from generator.maker import AdapterMaker, MadeAdapter, ServedModel, load_served_model
 from generator.model import add_states
-from generator.pipeline import AdapterPipeline, state_from_bytes
+from generator.pipeline import AdapterPipeline, save_generator, state_from_bytes
 from server.auth import ApiKeys
 from server.engine import Delta, LoRA, LoRAFolders, SamplingOptions
 from server.errors import EngineUnavailable
@@ -92,7 +92,7 @@ async def events(answer: Answer) -> AsyncGenerator[str, None]:
 class FakeEngine:
     """Yields `max_tokens` deltas naming the adapter; checks its folder is really there."""
 
-    def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
+    def __init__(self, settings: Settings, model: ServedModel) -> None:
         self.fail_after: int | None = None  # raise after this many deltas
         self.healthy = True
         self.loras: list[LoRA | None] = []
@@ -157,17 +157,12 @@ async def start_app(
         max_body_bytes=1 << 16,
         **overrides,
     )
-    engines: list[FakeEngine] = []
-
-    def factory(s: Settings, m: AdapterMaker) -> FakeEngine:
-        engines.append(FakeEngine(s, m))
-        return engines[-1]
-
-    app = create_app(settings, maker=maker, store=store, engine_factory=factory)
+    engine = FakeEngine(settings, maker)  # started unless the role is adapt
+    app = create_app(settings, maker=maker, store=store, engine_factory=lambda s, m: engine)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield App(client, engines[0], store, settings)
+            yield App(client, engine, store, settings)
 
 
 @pytest.fixture
@@ -368,7 +363,8 @@ def metric(text: str, sample: str) -> float:
 
 async def test_health_and_metrics(app: App) -> None:
     r = await app.client.get("/health")
-    assert (r.status_code, r.json()) == (200, {"ready": True, "engine": "ok", "store": "ok"})
+    health = {"ready": True, "role": "all", "engine": "ok", "store": "ok"}
+    assert (r.status_code, r.json()) == (200, health)
     before = (await app.client.get("/metrics")).text  # the registry is shared by every test
     await app.adapt(context="metrics")
     await app.adapt(context="metrics")
@@ -769,3 +765,93 @@ def test_folders_of_processes_that_are_gone_are_removed(tmp_path: Path) -> None:
         (folder / "ga-x").mkdir(parents=True)
     LoRAFolders(tmp_path, capacity=2)
     assert not gone.exists() and alive.exists()
+
+
+# --- roles: adapt and generate pools ------------------------------------------------------------
+
+
+async def test_each_role_serves_its_part_and_refuses_the_other_with_501(
+    maker: AdapterMaker, tmp_path: Path
+) -> None:
+    """A server of role adapt makes adapters that one of role generate, sharing its store,
+    serves; each answers the other's endpoints with a 501 naming its role, even for a body
+    that is not valid; both list and show adapters."""
+    store = MemoryStore(1 << 30, 3600)  # shared, as Redis is by the servers of both pools
+    async with contextlib.AsyncExitStack() as stack:
+        adapt, generate = [
+            await stack.enter_async_context(
+                contextlib.asynccontextmanager(start_app)(maker, store, tmp_path / r, role=r)
+            )
+            for r in ("adapt", "generate")
+        ]
+        aid = (await adapt.adapt(context=CONTEXT))["adapter_id"]
+        chat = {"model": aid, "messages": [{"role": "user", "content": "x"}]}
+        refused = {
+            adapt: [
+                ("/v1/generate", {"adapter_id": aid, "prompt": "x"}),
+                ("/generate", {"prompt": "x"}),
+                ("/v1/chat/completions", chat),
+                ("/v1/completions", {"model": aid, "prompt": "x"}),
+            ],
+            generate: [("/v1/adapt", {"context": "new"}), ("/adapt", {})],
+        }
+        for app, routes in refused.items():
+            role, other = app.settings.role, "generate" if app is adapt else "adapt"
+            for path, body in routes:
+                r = await app.client.post(path, json=body)
+                text = f"POST {path} is not served here: this server's role is {role!r}"
+                assert assert_error(r, 501, text)["type"] == "not_implemented_error"
+                assert f"send it to a server of role {other!r} or 'all'" in r.text
+            models = [m["id"] for m in (await app.client.get("/v1/models")).json()["data"]]
+            assert aid in models
+            assert (await app.client.get(f"/v1/adapters/{aid}")).status_code == 200
+        r = await generate.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"})
+        assert r.json()["text"].startswith(f"{aid}:0 ")
+        r = await generate.client.post("/v1/chat/completions", json=chat)
+        assert r.json()["text"] == f"answered by {aid}"
+        assert adapt.engine.loras == [] and not adapt.engine.openai.requests
+        assert (await adapt.client.get("/health")).json() == {
+            "ready": True,
+            "role": "adapt",
+            "engine": "none: role 'adapt' runs no engine",
+            "store": "ok",
+        }
+        health = await generate.client.get("/health")
+        assert health.json() == {"ready": True, "role": "generate", "engine": "ok", "store": "ok"}
+
+
+async def test_role_generate_loads_no_generator(
+    pipeline: AdapterPipeline, maker: AdapterMaker, tmp_path: Path
+) -> None:
+    """Only the tokenizer and the generator's config (vLLM loads the base model's weights): the
+    same tokens, rank and modules as the maker with its generator, and nothing to adapt with."""
+    save_generator(pipeline.generator, tmp_path / "generator")
+    model = load_served_model(pipeline.base.path, tmp_path / "generator")
+    assert not isinstance(model, AdapterMaker)
+    for field in ("base_model_path", "lora_rank", "target_modules", "max_token_chars"):
+        assert getattr(model, field) == getattr(maker, field)
+    assert model.tokenize(CONTEXT) == maker.tokenize(CONTEXT)
+    settings = Settings(
+        role="generate",
+        base_model=str(pipeline.base.path),
+        generator=tmp_path / "generator",
+        shm_dir=tmp_path / "shm",
+    )
+    app = create_app(
+        settings,
+        store=MemoryStore(1 << 20, 60),
+        engine_factory=FakeEngine,
+    )
+    async with app.router.lifespan_context(app):
+        assert not isinstance(app.state.adapters.maker, AdapterMaker)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+            assert_error(await client.post("/v1/adapt", json={"context": "x"}), 501, "'generate'")
+
+
+def test_a_role_without_redis_is_refused() -> None:
+    """A pool's servers share adapters through Redis; alone, a role would serve half a product."""
+    for role in ("adapt", "generate"):
+        with pytest.raises(SystemExit, match=f"role '{role}' shares its adapters"):
+            serve(Settings(role=role))
