@@ -64,3 +64,5 @@ class Settings(BaseSettings):
         2, gt=0, description="vLLM's KV cache on a CPU (a GPU sizes its own)"
     )
     dtype: str = Field("auto", description="engine dtype; auto: bfloat16 on a GPU, else float32")
+    tensor_parallel_size: int = Field(1, gt=0, description="devices that share each layer")
+    pipeline_parallel_size: int = Field(1, gt=0, description="device groups, each some layers")

@@ -21,12 +21,13 @@ from fastapi import Request
 from pydantic import BaseModel
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
+from genadapter.cli import build_parser, settings_overrides
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
 from generator.maker import AdapterMaker, MadeAdapter, ServedModel, load_served_model
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator, state_from_bytes
 from server.auth import ApiKeys
-from server.engine import Delta, LoRA, LoRAFolders, SamplingOptions
+from server.engine import Delta, LoRA, LoRAFolders, SamplingOptions, engine_args
 from server.errors import EngineUnavailable
 from server.launch import free_port
 from server.main import create_app, serve
@@ -855,3 +856,14 @@ def test_a_role_without_redis_is_refused() -> None:
     for role in ("adapt", "generate"):
         with pytest.raises(SystemExit, match=f"role '{role}' shares its adapters"):
             serve(Settings(role=role))
+
+
+def test_engine_args_carry_tensor_and_pipeline_parallelism(maker: AdapterMaker) -> None:
+    """The flags reach vLLM's engine arguments (both 1 by default: one device)."""
+    flags = ["serve", "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2"]
+    settings = Settings(**settings_overrides(build_parser().parse_args(flags)))
+    args = engine_args(settings, maker)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (4, 2)
+    assert (args.max_lora_rank, args.lora_target_modules) == (8, maker.target_modules)
+    default = engine_args(Settings(), maker)
+    assert (default.tensor_parallel_size, default.pipeline_parallel_size) == (1, 1)
