@@ -227,6 +227,8 @@ class RedisStore(AdapterStore):
         self.lock_timeout_s = lock_timeout_s
         self._probe_key = f"{prefix}:health"
         self._failed_put: tuple[float, str] | None = None  # when and why the last put failed
+        # PING goes to one node of a cluster unless told otherwise
+        self._every_node = {"target_nodes": RedisCluster.ALL_NODES} if cluster else {}
         # Binary-safe (no decode_responses); fail fast so a request gets 503 instead of hanging.
         client = RedisCluster if cluster else aioredis.Redis
         self.redis: aioredis.Redis | RedisCluster = client.from_url(
@@ -371,7 +373,7 @@ class RedisStore(AdapterStore):
         failed in the last FAILED_PUT_SHOWN_S counts too. On a cluster, PING reaches every
         node and the key one of them."""
         checks: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
-            ("unavailable", self.redis.ping),
+            ("unavailable", lambda: self.redis.ping(**self._every_node)),
             ("refuses writes", lambda: self.redis.set(self._probe_key, b"1", px=PROBE_TTL_MS)),
         )
         for failure, command in checks:

@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 from redis.crc import key_slot
 
 from generator.maker import MadeAdapter
@@ -26,7 +27,7 @@ from server.store import (
     digest,
 )
 from tests.conftest import REDIS_URL
-from tests.redis_servers import redis_server
+from tests.redis_servers import redis_cluster, redis_server
 
 MakeStore = Callable[..., AdapterStore]
 
@@ -354,6 +355,19 @@ async def test_a_paused_redis_is_reported_not_waited_for(tmp_path: Path) -> None
         await store.ping()  # the same client recovers
         await store.close()
         await admin.aclose()
+
+
+@pytest.mark.slow
+async def test_a_cluster_with_a_node_down_is_unavailable(tmp_path: Path) -> None:
+    """PING goes to every node of a cluster, not only the one the client asks by default."""
+    with redis_cluster(tmp_path) as urls:
+        store = RedisStore(urls[0], 60, cluster=True)
+        await store.ping()
+        with redis.Redis.from_url(urls[2]) as other:
+            other.shutdown(nosave=True)
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            await store.ping()
+        await store.close()
 
 
 def port(url: str) -> str:
