@@ -114,13 +114,26 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     return out
 
 
+def load_tokenizer(spec: str | Path | None = None) -> tuple[str, Path, PreTrainedTokenizerBase]:
+    """The base model's name, folder and tokenizer, without its weights."""
+    name, path = resolve_model_dir(spec)
+    try:
+        return name, path, AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise BaseModelError(f"base model: could not load {path}: {e}") from e
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """`text`'s token ids without special tokens: what the generator reads, what prompts hold."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def load_base_model(
     spec: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> BaseModel:
     """Load the frozen base model and its tokenizer (eval mode, no gradients)."""
-    name, path = resolve_model_dir(spec)
+    name, path, tokenizer = load_tokenizer(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         raise BaseModelError(f"base model: could not load {path}: {e}") from e

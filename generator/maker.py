@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from generator.base_model import BaseModelError, cache_root
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from generator.base_model import BaseModelError, cache_root, load_tokenizer, tokenize
+from generator.config import GeneratorConfig
 from generator.lora import write_peft_folder
 from generator.pipeline import (
+    DEFAULT_GENERATOR_DIR,
     Adapter,
     AdapterPipeline,
     EmptyContextError,
@@ -21,6 +25,7 @@ from generator.pipeline import (
     Reading,
     adapter_id,
     composed_id,
+    load_config,
     load_pipeline,
     state_from_bytes,
 )
@@ -32,8 +37,10 @@ __all__ = [
     "GeneratorError",
     "MadeAdapter",
     "Reading",
+    "ServedModel",
     "cache_root",
     "load_maker",
+    "load_served_model",
 ]
 
 
@@ -51,30 +58,42 @@ class MadeAdapter:
         return write_peft_folder(folder, self.peft, self.peft_config)
 
 
-class AdapterMaker:
-    """Tokenizes like the base model, and turns token ids into a MadeAdapter."""
+class ServedModel:
+    """The base model as the engine serves it and the adapters as the generator shapes them:
+    names, folder, tokenizer, LoRA rank and modules. A server of role `generate` loads only
+    this: vLLM loads the weights, and no generator runs there."""
 
-    def __init__(self, pipeline: AdapterPipeline) -> None:
-        self._pipeline = pipeline
-        self.base_model = pipeline.base.name  # what users and the engine call it
-        self.base_model_path = pipeline.base.path  # the Hugging Face folder the engine serves
-        self.fingerprint = pipeline.fingerprint  # generator + base model: part of adapter ids
-        self.lora_rank = pipeline.config.lora_rank
-        self.target_modules = sorted(pipeline.config.modules)  # what its adapters change
-        vocab = pipeline.base.tokenizer.get_vocab()
+    def __init__(
+        self, name: str, path: Path, tokenizer: PreTrainedTokenizerBase, config: GeneratorConfig
+    ) -> None:
+        self.base_model = name  # what users and the engine call it
+        self.base_model_path = path  # the Hugging Face folder the engine serves
+        self.lora_rank = config.lora_rank
+        self.target_modules = sorted(config.modules)  # what its adapters change
+        self._tokenizer = tokenizer
         # No token covers more characters than its own string has: a text of n characters has
         # at least n / max_token_chars tokens, which bounds a context's size before tokenizing.
-        self.max_token_chars = max(len(token) for token in vocab)
+        self.max_token_chars = max(len(token) for token in tokenizer.get_vocab())
 
     def tokenize(self, text: str) -> list[int]:
-        return self._pipeline.tokenize(text)
+        return tokenize(self._tokenizer, text)
 
     def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         """Messages in the base model's chat template."""
-        text = self._pipeline.base.tokenizer.apply_chat_template(
+        text = self._tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         return cast(str, text)  # tokenize=False: the rendered text (typed as any of its results)
+
+
+class AdapterMaker(ServedModel):
+    """The served model with its generator: token ids in, a MadeAdapter out."""
+
+    def __init__(self, pipeline: AdapterPipeline) -> None:
+        base = pipeline.base
+        super().__init__(base.name, base.path, base.tokenizer, pipeline.config)
+        self._pipeline = pipeline
+        self.fingerprint = pipeline.fingerprint  # generator + base model: part of adapter ids
 
     def adapter_id(self, context: str, parent: str | None = None, tenant: str = "") -> str:
         return adapter_id(self.fingerprint, context, parent, tenant)
@@ -115,3 +134,11 @@ def load_maker(
 ) -> AdapterMaker:
     """The base model and a generator (default: the shipped one) behind the narrow interface."""
     return AdapterMaker(load_pipeline(base_model, generator_dir))
+
+
+def load_served_model(
+    base_model: str | Path | None = None, generator_dir: Path | None = None
+) -> ServedModel:
+    """The base model's tokenizer and folder and the generator's config, neither's weights."""
+    name, path, tokenizer = load_tokenizer(base_model)
+    return ServedModel(name, path, tokenizer, load_config(generator_dir or DEFAULT_GENERATOR_DIR))

@@ -3,9 +3,11 @@ turns what it read into a LoRA. Also saving and loading generators, and adapter 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +16,7 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
-from generator.base_model import BaseModel, load_base_model
+from generator.base_model import BaseModel, load_base_model, tokenize
 from generator.config import WEIGHTS_FILE, GeneratorConfig, GeneratorOptions
 from generator.lora import applied, attach_lora_layers, peft_bytes, peft_config
 from generator.model import AdapterGenerator, LoRAFactors, State, add_states
@@ -92,12 +94,23 @@ def save_generator(generator: AdapterGenerator, folder: Path) -> None:
     save_file({k: v.contiguous() for k, v in generator.state_dict().items()}, folder / WEIGHTS_FILE)
 
 
-def load_generator(folder: Path) -> AdapterGenerator:
+@contextlib.contextmanager
+def reading(folder: Path) -> Iterator[None]:
     try:
-        config = GeneratorConfig.load(folder)
-        weights = load_file(folder / WEIGHTS_FILE)
+        yield
     except (OSError, ValueError, TypeError) as e:
         raise GeneratorError(f"generator folder {folder}: cannot read it ({e})") from e
+
+
+def load_config(folder: Path) -> GeneratorConfig:
+    with reading(folder):
+        return GeneratorConfig.load(folder)
+
+
+def load_generator(folder: Path) -> AdapterGenerator:
+    config = load_config(folder)
+    with reading(folder):
+        weights = load_file(folder / WEIGHTS_FILE)
     generator = AdapterGenerator(config)
     generator.load_state_dict(weights)
     return generator
@@ -159,7 +172,7 @@ class AdapterPipeline:
         self.fingerprint = fingerprint(generator, base.name)
 
     def tokenize(self, text: str) -> list[int]:
-        return self.base.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenize(self.base.tokenizer, text)
 
     def read_window(
         self, ids: Tensor, mask: Tensor | None, factors: LoRAFactors | None, logits: bool = False

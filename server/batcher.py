@@ -42,7 +42,7 @@ class AdaptBatcher:
     contexts at a time; callers await their own adapter."""
 
     def __init__(self, maker: AdapterMaker, max_batch: int) -> None:
-        self._maker = maker
+        self.maker = maker
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="adapt-batcher", daemon=True)
@@ -73,7 +73,7 @@ class AdaptBatcher:
                         j.settle(RuntimeError("the server is shutting down"))
                     return
                 try:
-                    job.reading = self._maker.start(job.ids, job.parent_state)
+                    job.reading = self.maker.start(job.ids, job.parent_state)
                     active.append(job)
                 except Exception as e:  # noqa: BLE001 (the caller's error to raise)
                     job.settle(e)
@@ -85,7 +85,7 @@ class AdaptBatcher:
         """Read one window of every active context; settle those done; the rest go on."""
         readings = [j.reading for j in active if j.reading is not None]
         try:
-            self._maker.read_next(readings)
+            self.maker.read_next(readings)
         except Exception as e:  # noqa: BLE001 (each caller gets the error; the thread lives on)
             log.exception("generator failed on a batch of %d contexts", len(active))
             for j in active:
@@ -98,7 +98,7 @@ class AdaptBatcher:
                 going.append(j)
                 continue
             try:
-                j.settle(self._maker.finish(j.reading))
+                j.settle(self.maker.finish(j.reading))
             except Exception as e:  # noqa: BLE001 (the caller's error to raise)
                 j.settle(e)
         return going

@@ -17,15 +17,18 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
 from fastapi import Request
 
-from generator.maker import AdapterMaker, MadeAdapter
+from generator.maker import MadeAdapter, ServedModel
 from server.errors import EngineUnavailable, InvalidAdapterId
 from server.protocol import ADAPTER_ID_PATTERN, FinishReason
 from server.settings import Settings
 from server.vllm_openai import ChatCompletionRequest, CompletionRequest, OpenAIResult, VllmOpenAI
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
 
 log = logging.getLogger(__name__)
 
@@ -201,34 +204,46 @@ class LoRAFolders:
         self._int_ids.clear()
 
 
+def engine_args(settings: Settings, model: ServedModel) -> AsyncEngineArgs:
+    """vLLM's engine arguments for our adapters on `model`. A base model too large for one
+    device is split across several: `tensor_parallel_size` devices share each layer,
+    `pipeline_parallel_size` groups hold consecutive layers (their product: devices used)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from server.vllm_env import engine_dtype
+
+    return AsyncEngineArgs(
+        model=str(model.base_model_path),
+        enable_lora=True,
+        max_lora_rank=vllm_rank(model.lora_rank),
+        # Only the modules our adapters change carry LoRA layers: the others would cost every
+        # request their LoRA kernels for nothing, and vLLM 0.32's LoRA-wrapped lm_head fails on
+        # prompt logprobs on a CPU (and takes the engine down with it).
+        lora_target_modules=model.target_modules,
+        max_loras=settings.max_loras,
+        max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
+        dtype=engine_dtype(settings.dtype),
+        max_model_len=settings.max_model_len,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        pipeline_parallel_size=settings.pipeline_parallel_size,
+        seed=0,
+    )
+
+
 class VllmEngine:
-    """vLLM's AsyncLLM with LoRA enabled; starts an engine-core and a worker process."""
+    """vLLM's AsyncLLM with LoRA enabled; starts an engine-core and a worker process per
+    device."""
 
     openai: OpenAILayer
 
-    def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
-        from server.vllm_env import apply_vllm_env, engine_dtype
+    def __init__(self, settings: Settings, model: ServedModel) -> None:
+        from server.vllm_env import apply_vllm_env
 
         apply_vllm_env(settings.kv_cache_gib)
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(maker.base_model_path),
-            enable_lora=True,
-            max_lora_rank=vllm_rank(maker.lora_rank),
-            # Only the modules our adapters change carry LoRA layers: the others would cost
-            # every request their LoRA kernels for nothing, and vLLM 0.32's LoRA-wrapped lm_head
-            # fails on prompt logprobs on a CPU (and takes the engine down with it).
-            lora_target_modules=maker.target_modules,
-            max_loras=settings.max_loras,
-            max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
-            dtype=engine_dtype(settings.dtype),
-            max_model_len=settings.max_model_len,
-            seed=0,
-        )
-        self.llm = AsyncLLM.from_engine_args(args)
-        self._openai_args = (maker.base_model_path, settings.served_model_name or maker.base_model)
+        self.llm = AsyncLLM.from_engine_args(engine_args(settings, model))
+        self._openai_args = (model.base_model_path, settings.served_model_name or model.base_model)
 
     async def start(self) -> None:
         self.openai = await VllmOpenAI.start(self.llm, *self._openai_args)

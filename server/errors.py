@@ -71,6 +71,13 @@ class TooManyRequests(ServerError):
         self.retry_after_s = retry_after_s
 
 
+class RoleNotServed(ServerError):
+    """This server's role runs without what the request needs: it never will serve it (not a
+    404, which says an adapter is missing, nor a 503, which clients retry)."""
+
+    status, type = 501, "not_implemented_error"
+
+
 class StoreUnavailable(ServerError):
     status, type = 503, "service_unavailable"
 

@@ -14,7 +14,7 @@ from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from generator.maker import AdapterMaker, load_maker
+from generator.maker import AdapterMaker, ServedModel, load_maker, load_served_model
 from server.auth import ApiKeys
 from server.batcher import AdaptBatcher
 from server.body_limit import BodyLimit
@@ -28,7 +28,7 @@ from server.store import AdapterStore, open_store
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings, AdapterMaker], Engine]
+EngineFactory = Callable[[Settings, ServedModel], Engine]
 
 
 def create_app(
@@ -43,31 +43,36 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        adapter_maker = maker
-        if adapter_maker is None:
-            adapter_maker = await asyncio.to_thread(
-                load_maker, settings.base_model, settings.generator
-            )
+        model: ServedModel | None = maker
+        if model is None:  # role generate: no generator, and vLLM alone loads the weights
+            load = load_served_model if settings.role == "generate" else load_maker
+            model = await asyncio.to_thread(load, settings.base_model, settings.generator)
         adapter_store = store or open_store(settings)
-        log.info("starting the engine for %s", adapter_maker.base_model_path)
-        engine = engine_factory(settings, adapter_maker)
-        await engine.start()
-        folders = LoRAFolders(
-            settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
-        )
         app.state.settings = settings
-        batcher = AdaptBatcher(adapter_maker, settings.adapt_batch)
-        app.state.adapters = AdapterService(
-            adapter_maker, adapter_store, settings, app.state.limits, batcher
+        batcher = (
+            AdaptBatcher(model, settings.adapt_batch) if isinstance(model, AdapterMaker) else None
         )
-        app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
-        log.info("ready: base model %r", app.state.adapters.base_name)
+        app.state.adapters = AdapterService(
+            model, adapter_store, settings, app.state.limits, batcher
+        )
+        app.state.generation = None
+        if settings.role != "adapt":
+            log.info("starting the engine for %s", model.base_model_path)
+            engine = engine_factory(settings, model)
+            await engine.start()
+            folders = LoRAFolders(
+                settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
+            )
+            app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
+        log.info("ready: role %s, base model %r", settings.role, app.state.adapters.base_name)
         try:
             yield
         finally:
-            engine.shutdown()
-            batcher.close()
-            folders.clear()
+            if app.state.generation is not None:
+                app.state.generation.engine.shutdown()
+                app.state.generation.folders.clear()
+            if batcher is not None:
+                batcher.close()
             await adapter_store.close()
 
     app = FastAPI(
@@ -106,6 +111,11 @@ def serve(settings: Settings) -> None:
         raise SystemExit(
             f"genadapter serve: error: no API keys to serve on {settings.host}: set "
             "GENADAPTER_API_KEYS (or --api-keys-file), or pass --allow-insecure"
+        )
+    if settings.role != "all" and not settings.redis_url:
+        raise SystemExit(
+            f"genadapter serve: error: role {settings.role!r} shares its adapters with the "
+            "other role's servers through Redis: set GENADAPTER_REDIS_URL"
         )
 
     uvicorn.run(

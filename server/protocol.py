@@ -225,5 +225,8 @@ class GenerateStreamResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     ready: bool
+    role: str = Field(  # a default, so a client still reads a server from before roles
+        "all", description="all, adapt (generator only) or generate (engine only)"
+    )
     engine: str = Field(description="'ok' or why not")
     store: str = Field(description="'ok' or why not")

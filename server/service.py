@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import NoReturn
 
-from generator.maker import AdapterMaker, MadeAdapter
+from generator.maker import AdapterMaker, MadeAdapter, ServedModel
 from server import metrics
 from server.batcher import AdaptBatcher
 from server.engine import Delta, Engine, LoRA, LoRAFolders, SamplingOptions, check_adapter_id
@@ -23,6 +23,7 @@ from server.errors import (
     EngineUnavailable,
     InvalidRequest,
     ModelNotFound,
+    RoleNotServed,
     ServerError,
 )
 from server.limits import TenantLimits
@@ -44,18 +45,30 @@ class AdapterService:
 
     def __init__(
         self,
-        maker: AdapterMaker,
+        maker: ServedModel,
         store: AdapterStore,
         settings: Settings,
         limits: TenantLimits,
-        batcher: AdaptBatcher,
+        batcher: AdaptBatcher | None,
     ) -> None:
         self.maker = maker
-        self.batcher = batcher
+        self._batcher = batcher  # None: role `generate`, no generator loaded
         self.store = store
         self.settings = settings
         self.limits = limits
         self.base_name = settings.served_model_name or maker.base_model
+
+    @property
+    def batcher(self) -> AdaptBatcher:
+        """What runs the generator, which a server of role `generate` does not load (its
+        routes refuse adapting first: server.deps.check_role)."""
+        if self._batcher is None:
+            raise RoleNotServed("this server loads no generator: its role is 'generate'")
+        return self._batcher
+
+    @property
+    def generator(self) -> AdapterMaker:
+        return self.batcher.maker
 
     def context_text(self, request: AdaptRequest) -> str:
         """One canonical string per input, so equal inputs hash to equal ids."""
@@ -74,14 +87,14 @@ class AdapterService:
         start = time.perf_counter()
         if request.compose is not None:
             parts = sorted(check_adapter_id(a) for a in request.compose)  # order-independent
-            aid = self.maker.composed_id(parts, tenant)
+            aid = self.generator.composed_id(parts, tenant)
             stored, created = await self.store.get_or_create(
                 aid, lambda: self._compose(aid, parts, tenant)
             )
         else:
             text, ids = await self.context_ids(request)
             parent = None if request.parent is None else check_adapter_id(request.parent)
-            aid = self.maker.adapter_id(text, parent, tenant)
+            aid = self.generator.adapter_id(text, parent, tenant)
             stored, created = await self.store.get_or_create(
                 aid, lambda: self._create(aid, ids, parent, tenant)
             )
@@ -135,7 +148,7 @@ class AdapterService:
         """The sum of the adapters' raw states, as if their contexts were windows of one: no
         text is read, so no generator slot is taken."""
         parts = [await self._extendable(p, "compose", tenant) for p in part_ids]
-        adapter = await asyncio.to_thread(self.maker.compose, [p.adapter.state for p in parts])
+        adapter = await asyncio.to_thread(self.generator.compose, [p.adapter.state for p in parts])
         return StoredAdapter(self._info(aid, adapter, tenant, composed=part_ids), adapter)
 
     async def _extendable(self, aid: str, param: str, tenant: str) -> StoredAdapter:
@@ -159,7 +172,7 @@ class AdapterService:
             created_at=now(),
             tokens=adapter.tokens,
             base_model=self.base_name,
-            fingerprint=self.maker.fingerprint,
+            fingerprint=self.generator.fingerprint,
             lora_rank=self.maker.lora_rank,
             parent=parent,
             composed=composed,
@@ -172,7 +185,7 @@ class AdapterService:
         generator) cannot be used here: say which, instead of failing inside vLLM."""
         want = {"base_model": self.base_name, "lora_rank": self.maker.lora_rank}
         if extend:
-            want["fingerprint"] = self.maker.fingerprint
+            want["fingerprint"] = self.generator.fingerprint
         for field, value in want.items():
             if getattr(info, field) != value:
                 raise AdapterMismatch(
@@ -187,7 +200,7 @@ class AdapterService:
     async def delete(self, aid: str, tenant: str) -> bool:
         await self.info(aid, tenant)
         if not await self.store.delete(aid):
-            raise AdapterNotFound(f"adapter {aid} not found")
+            raise gone(aid)
         return True
 
     async def list(self, tenant: str) -> list[Listed]:
@@ -246,7 +259,7 @@ class GenerationService:
             self.adapters.check_compatible(info)
             stored = await self.store.get(aid)
             if stored is None:
-                raise AdapterNotFound(f"adapter {aid} not found (expired just now)")
+                raise gone(aid)  # expired or evicted just now
             return self.folders.add(aid, stored.adapter)
 
     async def use_model(self, model: str | None, tenant: str) -> None:
@@ -329,8 +342,17 @@ def owned(info: AdapterInfo | None, aid: str, tenant: str) -> AdapterInfo:
     """The metadata if the adapter exists and is `tenant`'s; another's is a 404 like a missing
     one, so a tenant cannot learn what others have."""
     if info is None or info.tenant != tenant:
-        raise AdapterNotFound(f"adapter {aid} not found (never made, expired or deleted)")
+        raise gone(aid)
     return info
+
+
+def gone(aid: str) -> AdapterNotFound:
+    """One answer for every missing adapter, so a tenant learns nothing of others'; it says what
+    to do in the common case, an adapter unused past its TTL or evicted from a full store."""
+    return AdapterNotFound(
+        f"adapter {aid} not found: it expired (unused past its TTL, or evicted from a full "
+        "store), was deleted or never existed; adapt its context again"
+    )
 
 
 def too_long(tokens: str, limit: int) -> ContextTooLong:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["all", "adapt", "generate"]
 
 
 class Settings(BaseSettings):
@@ -15,6 +18,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, description="port to listen on")
+    role: Role = Field(
+        "all", description="all: generator and engine; adapt: the generator; generate: the engine"
+    )
     base_model: str | None = Field(None, description="HF folder or .gguf (default: SmolLM2)")
     generator: Path | None = Field(None, description="generator folder (default: shipped one)")
     served_model_name: str | None = Field(None, description="base model's API name")
@@ -34,7 +40,12 @@ class Settings(BaseSettings):
         0, ge=0, description="requests per minute per tenant (0: no limit)"
     )
     redis_url: str | None = Field(None, description="None: in-process store")
-    redis_prefix: str = Field("genadapter", description="prefix of this server's Redis keys")
+    redis_prefix: str = Field(
+        "genadapter",
+        pattern=r"^[^{}]*$",  # braces would move the keys' Redis Cluster hash slots
+        description="prefix of this server's Redis keys",
+    )
+    redis_cluster: bool = Field(False, description="the Redis URL names a node of a Redis Cluster")
     adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")
     memory_store_bytes: int = Field(2 << 30, gt=0, description="in-process store LRU budget")
     lock_timeout_s: float = Field(
@@ -56,3 +67,5 @@ class Settings(BaseSettings):
         2, gt=0, description="vLLM's KV cache on a CPU in whole GiB (a GPU sizes its own)"
     )
     dtype: str = Field("auto", description="engine dtype; auto: bfloat16 on a GPU, else float32")
+    tensor_parallel_size: int = Field(1, gt=0, description="devices that share each layer")
+    pipeline_parallel_size: int = Field(1, gt=0, description="device groups, each some layers")

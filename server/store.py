@@ -4,6 +4,9 @@ An entry is four values: the PEFT weights and config (what vLLM loads), the raw 
 (what extending needs) and the metadata. All are written together after the generator succeeded,
 read together, and an entry missing any of them reads as missing (Redis may evict one key under
 `maxmemory-policy allkeys-lru`). TTLs slide: every read extends them.
+
+On Redis Cluster the keys of one adapter (its parts and its lock) carry the adapter id as a hash
+tag, so they live in one slot: one transaction writes them, one node holds its lock.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import NamedTuple, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.lock import Lock
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import LockError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from generator.maker import MadeAdapter
 from server.errors import StoreUnavailable
@@ -35,6 +40,10 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 PARTS = ("peft", "config", "state", "meta")
+PROBE_TTL_MS = 10_000  # the health probe's key outlives no check by much
+PROBE_TIMEOUT_S = 2  # a Redis paused by CLIENT PAUSE blocks writes rather than refusing them
+FAILED_PUT_SHOWN_S = 60  # how long /health reports an adapter the store could not take
+PIPELINE_ERROR = " of pipeline caused error: "  # how redis-py annotates a pipeline's errors
 
 
 def digest(adapter: MadeAdapter) -> str:
@@ -197,22 +206,32 @@ class MemoryStore(AdapterStore):
 
 
 class RedisStore(AdapterStore):
-    """Redis store shared by server processes; binary values, sliding TTL, a lock per new id.
+    """Redis (or Redis Cluster) store shared by server processes; binary values, sliding TTL, a
+    lock per new id.
 
-    Sorted sets index the entries, so listing never scans the keyspace: `expiry` (score: when an
-    entry's TTL lapses, slid with it) and, per tenant, `created` (score: creation time).
+    A sorted set per tenant (score: creation time) indexes its adapters, so listing reads that
+    one key and the entries it names, never the keyspace (on a cluster: never every node's).
     """
 
     def __init__(
-        self, url: str, ttl_s: float, prefix: str = "genadapter", lock_timeout_s: float = 30
+        self,
+        url: str,
+        ttl_s: float,
+        prefix: str = "genadapter",
+        lock_timeout_s: float = 30,
+        cluster: bool = False,
     ) -> None:
         self.url = redacted(url)  # for messages: never the password
         self.ttl_ms = max(1, round(ttl_s * 1000))
         self.prefix = prefix
         self.lock_timeout_s = lock_timeout_s
-        self.expiry_key = f"{prefix}:index:expiry"
+        self._probe_key = f"{prefix}:health"
+        self._failed_put: tuple[float, str] | None = None  # when and why the last put failed
+        # PING goes to one node of a cluster unless told otherwise
+        self._every_node = {"target_nodes": RedisCluster.ALL_NODES} if cluster else {}
         # Binary-safe (no decode_responses); fail fast so a request gets 503 instead of hanging.
-        self.redis = aioredis.Redis.from_url(
+        client = RedisCluster if cluster else aioredis.Redis
+        self.redis: aioredis.Redis | RedisCluster = client.from_url(
             url,
             decode_responses=False,
             socket_connect_timeout=2,
@@ -221,25 +240,26 @@ class RedisStore(AdapterStore):
         )
 
     def _key(self, adapter_id: str, part: str) -> str:
-        return f"{self.prefix}:adapter:{adapter_id}:{part}"
+        return f"{self.prefix}:adapter:{{{adapter_id}}}:{part}"
 
-    def _expires(self) -> int:
-        return int(time.time() * 1000) + self.ttl_ms
+    def _index_key(self, tenant: str) -> str:
+        """Tagged with the tenant, so a per-tenant key added later shares its slot."""
+        return f"{self.prefix}:tenant:{{{tenant}}}:adapters"
 
     @contextlib.contextmanager
-    def _reachable(self) -> Iterator[None]:
+    def _reachable(self, failure: str = "unavailable") -> Iterator[None]:
         try:
             yield
         except RedisError as e:
-            raise StoreUnavailable(f"adapter store (Redis at {self.url}) unavailable: {e}") from e
+            message = f"adapter store (Redis at {self.url}) {failure}: {reason(e)}"
+            raise StoreUnavailable(message) from e
 
     async def _read(self, adapter_id: str) -> StoredAdapter | None:
         with self._reachable():
             async with self.redis.pipeline(transaction=False) as p:
                 for part in PARTS:
                     p.getex(self._key(adapter_id, part), px=self.ttl_ms)
-                p.zadd(self.expiry_key, {adapter_id: self._expires()}, xx=True)
-                peft, config, state, meta, _ = await p.execute()
+                peft, config, state, meta = await p.execute()
             if peft is None or config is None or state is None or meta is None:
                 await self._forget_partial(adapter_id, (peft, config, state, meta))
                 return None
@@ -257,14 +277,15 @@ class RedisStore(AdapterStore):
                 for part in PARTS[:-1]:
                     p.pexpire(self._key(adapter_id, part), self.ttl_ms)
                 p.getex(self._key(adapter_id, "meta"), px=self.ttl_ms)
-                p.zadd(self.expiry_key, {adapter_id: self._expires()}, xx=True)
-                *alive, meta, _ = await p.execute()
+                *alive, meta = await p.execute()
             if not all(alive) or meta is None:
                 await self._forget_partial(adapter_id, (*(a or None for a in alive), meta))
                 return None
         return AdapterInfo.model_validate_json(meta)
 
     async def put(self, adapter: StoredAdapter) -> None:
+        """The entry in one transaction (one slot), then its tenant's index: an entry written
+        but not indexed is only unlisted, an indexed one not written is dropped by listing."""
         a, aid = adapter.adapter, adapter.info.id
         values: dict[str, bytes | str] = {
             "peft": a.peft,
@@ -272,50 +293,55 @@ class RedisStore(AdapterStore):
             "state": a.state,
             "meta": adapter.info.model_dump_json(),
         }
-        with self._reachable():
-            async with self.redis.pipeline(transaction=True) as p:  # MULTI/EXEC: all or nothing
-                for part in PARTS:
-                    p.set(self._key(aid, part), values[part], px=self.ttl_ms)
-                p.zadd(self.expiry_key, {aid: self._expires()})
-                p.zadd(self._created_key(adapter.info.tenant), {aid: adapter.info.created_at})
-                await p.execute()
+        try:
+            with self._reachable("could not store the adapter"):
+                async with self.redis.pipeline(transaction=True) as p:  # MULTI/EXEC: all or none
+                    for part in PARTS:
+                        p.set(self._key(aid, part), values[part], px=self.ttl_ms)
+                    await p.execute()
+                await self.redis.zadd(
+                    self._index_key(adapter.info.tenant), {aid: adapter.info.created_at}
+                )
+        except StoreUnavailable as e:
+            self._failed_put = (time.monotonic(), e.message)
+            raise
+        self._failed_put = None
 
     async def delete(self, adapter_id: str) -> bool:
+        """Its parts go; its tenant's listing drops it from the index next time."""
         with self._reachable():
-            async with self.redis.pipeline(transaction=True) as p:
-                p.delete(*(self._key(adapter_id, part) for part in PARTS))
-                p.zrem(self.expiry_key, adapter_id)  # its tenant's listing drops it next time
-                deleted, _ = await p.execute()
+            deleted = await self.redis.delete(*(self._key(adapter_id, p) for p in PARTS))
         return bool(deleted)
 
-    def _created_key(self, tenant: str) -> str:
-        return f"{self.prefix}:index:created:{tenant}"
-
     async def list(self, tenant: str) -> list[Listed]:
-        """From the indexes alone: the tenant's adapters by creation, those whose TTL lapsed (or
-        that were deleted) dropped from its index here."""
-        created_key = self._created_key(tenant)
+        """The tenant's index, each entry checked whole: one whose TTL lapsed, that was deleted
+        or that lost a part to eviction is dropped from the index (its remains deleted)."""
+        index = self._index_key(tenant)
         with self._reachable():
-            rows = await self.redis.zrange(created_key, 0, -1, withscores=True)
+            rows = await self.redis.zrange(index, 0, -1, withscores=True)
             # redis-py types every zrange alike; withscores=True gives (member, float score)
             # tuples, members bytes since this client does not decode.
             pairs = [(a.decode(), int(c)) for a, c in cast(list[tuple[bytes, float]], rows)]
-            ids = [aid for aid, _ in pairs]
-            expires = await self.redis.zmscore(self.expiry_key, ids) if ids else []
-            now = time.time() * 1000
-            dead = {aid for aid, e in zip(ids, expires, strict=True) if e is None or e <= now}
-            if dead:
-                async with self.redis.pipeline(transaction=True) as p:
-                    p.zrem(created_key, *dead)
-                    p.zrem(self.expiry_key, *dead)
+            async with self.redis.pipeline(transaction=False) as p:
+                for aid, _ in pairs:
+                    p.exists(*(self._key(aid, part) for part in PARTS))
+                found = await p.execute()
+            broken = {aid for (aid, _), n in zip(pairs, found, strict=True) if n != len(PARTS)}
+            if broken:
+                async with self.redis.pipeline(transaction=False) as p:
+                    p.zrem(index, *broken)
+                    for aid in broken:
+                        p.delete(*(self._key(aid, part) for part in PARTS))
                     await p.execute()
-        return [Listed(aid, created) for aid, created in pairs if aid not in dead]
+        return [Listed(aid, created) for aid, created in pairs if aid not in broken]
 
     @contextlib.asynccontextmanager
     async def lock(self, adapter_id: str) -> AsyncIterator[None]:
         """redis-py's Lock (SET NX PX with a random token, released only by its owner), renewed
         while held: an adapt may take longer than `lock_timeout_s`, which only bounds how long
-        the lock of a server that died outlives it. Waiters wait as long as the holder works."""
+        the lock of a server that died outlives it. Waiters wait as long as the holder works.
+        On a cluster the lock is one key in the adapter's slot, so every server contends for
+        it on the same node."""
         lock = self.redis.lock(
             self._key(adapter_id, "lock"),
             timeout=self.lock_timeout_s,
@@ -340,11 +366,38 @@ class RedisStore(AdapterStore):
             await lock.reacquire()
 
     async def ping(self) -> None:
-        with self._reachable():
-            await self.redis.ping()
+        """Reachable and taking writes: a Redis out of memory (OOM under `noeviction`), failing
+        to persist (MISCONF), a read-only replica (READONLY) or a paused one still answers PING
+        but refuses (or holds) every adapt's write, so a small key with a short expiry is
+        written too. One with room for that key but not for an adapter passes it: a put that
+        failed in the last FAILED_PUT_SHOWN_S counts too. On a cluster, PING reaches every
+        node and the key one of them."""
+        checks: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+            ("unavailable", lambda: self.redis.ping(**self._every_node)),
+            ("refuses writes", lambda: self.redis.set(self._probe_key, b"1", px=PROBE_TTL_MS)),
+        )
+        for failure, command in checks:
+            with self._reachable(failure):
+                try:
+                    await asyncio.wait_for(command(), PROBE_TIMEOUT_S)
+                except asyncio.TimeoutError as e:
+                    raise RedisTimeoutError(f"no answer in {PROBE_TIMEOUT_S} s (paused?)") from e
+        if self._failed_put is not None:
+            age = time.monotonic() - self._failed_put[0]
+            if age < FAILED_PUT_SHOWN_S:
+                raise StoreUnavailable(f"{self._failed_put[1]} ({age:.0f} s ago)")
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+def reason(e: RedisError) -> str:
+    """Redis's own words (`OOM command not allowed ...`), without the command that redis-py's
+    pipelines put before them: a key and the start of the bytes stored under it."""
+    _, annotated, words = str(e).rpartition(PIPELINE_ERROR)
+    if annotated:  # the async pipeline quotes the error's arguments as a tuple
+        words = words.strip("(),'\"")
+    return f"{e.status_code} {words}" if e.status_code else words
 
 
 def redacted(url: str) -> str:
@@ -364,5 +417,6 @@ def open_store(settings: Settings) -> AdapterStore:
             settings.adapter_ttl_s,
             settings.redis_prefix,
             settings.lock_timeout_s,
+            settings.redis_cluster,
         )
     return MemoryStore(settings.memory_store_bytes, settings.adapter_ttl_s)

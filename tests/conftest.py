@@ -19,6 +19,7 @@ from generator.base_model import BaseModel, load_base_model
 from generator.config import GeneratorConfig, GeneratorOptions
 from generator.model import AdapterGenerator
 from generator.pipeline import AdapterPipeline
+from tests import redis_servers
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -138,7 +139,11 @@ def tiny_pipeline(tiny_base: BaseModel) -> AdapterPipeline:
 
 
 # Fixtures that need what the fast tier runs without; a test using one must be marked slow.
-SLOW_FIXTURES = {"smollm2": "the real SmolLM2", "prefix": "Redis"}
+SLOW_FIXTURES = {
+    "smollm2": "the real SmolLM2",
+    "prefix": "Redis",
+    "redis_cluster": "a Redis Cluster",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -166,3 +171,10 @@ def prefix() -> Iterator[str]:
     if keys:
         r.delete(*keys)
     r.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """A three-node Redis Cluster on loopback ports for the session: its nodes' URLs."""
+    with redis_servers.redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as urls:
+        yield urls

@@ -11,9 +11,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
-import subprocess
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +21,13 @@ from fastapi import Request
 from pydantic import BaseModel
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
+from genadapter.cli import build_parser, settings_overrides
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
-from generator.maker import AdapterMaker, MadeAdapter, Reading
+from generator.maker import AdapterMaker, MadeAdapter, Reading, ServedModel, load_served_model
 from generator.model import add_states
-from generator.pipeline import AdapterPipeline, state_from_bytes
+from generator.pipeline import AdapterPipeline, save_generator, state_from_bytes
 from server.auth import ApiKeys
-from server.engine import Delta, LoRA, LoRAFolders, SamplingOptions
+from server.engine import Delta, LoRA, LoRAFolders, SamplingOptions, engine_args
 from server.errors import EngineUnavailable
 from server.launch import free_port
 from server.main import create_app, serve
@@ -43,6 +41,7 @@ from server.vllm_openai import (
     OpenAIResult,
 )
 from tests.conftest import REDIS_URL, random_generator, tiny_llama
+from tests.redis_servers import redis_server
 
 CONTEXT = "Zorblat is a small planet. Its capital is Velloran, famous for purple oceans."
 
@@ -94,7 +93,7 @@ async def events(answer: Answer) -> AsyncGenerator[str, None]:
 class FakeEngine:
     """Yields `max_tokens` deltas naming the adapter; checks its folder is really there."""
 
-    def __init__(self, settings: Settings, maker: AdapterMaker) -> None:
+    def __init__(self, settings: Settings, model: ServedModel) -> None:
         self.fail_after: int | None = None  # raise after this many deltas
         self.healthy = True
         self.loras: list[LoRA | None] = []
@@ -159,17 +158,12 @@ async def start_app(
         max_body_bytes=1 << 16,
         **overrides,
     )
-    engines: list[FakeEngine] = []
-
-    def factory(s: Settings, m: AdapterMaker) -> FakeEngine:
-        engines.append(FakeEngine(s, m))
-        return engines[-1]
-
-    app = create_app(settings, maker=maker, store=store, engine_factory=factory)
+    engine = FakeEngine(settings, maker)  # started unless the role is adapt
+    app = create_app(settings, maker=maker, store=store, engine_factory=lambda s, m: engine)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield App(client, engines[0], store, settings)
+            yield App(client, engine, store, settings)
 
 
 @pytest.fixture
@@ -370,7 +364,8 @@ def metric(text: str, sample: str) -> float:
 
 async def test_health_and_metrics(app: App) -> None:
     r = await app.client.get("/health")
-    assert (r.status_code, r.json()) == (200, {"ready": True, "engine": "ok", "store": "ok"})
+    health = {"ready": True, "role": "all", "engine": "ok", "store": "ok"}
+    assert (r.status_code, r.json()) == (200, health)
     before = (await app.client.get("/metrics")).text  # the registry is shared by every test
     await app.adapt(context="metrics")
     await app.adapt(context="metrics")
@@ -560,20 +555,7 @@ async def test_engine_failures(app: App) -> None:
     assert metric(text, "genadapter_generation_requests_in_flight") == 0  # both failures ended
 
 
-# --- Redis down and back -----------------------------------------------------------------------
-
-
-def start_redis(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
+# --- Redis down, full or evicting --------------------------------------------------------------
 
 
 @pytest.mark.slow
@@ -581,31 +563,75 @@ async def test_redis_down_is_503_and_the_server_recovers(
     maker: AdapterMaker, tmp_path: Path
 ) -> None:
     port = free_port()
-    redis = start_redis(port)
     store = RedisStore(f"redis://127.0.0.1:{port}/0", ttl_s=3600)
-    try:
-        async for app in start_app(maker, store, tmp_path):
+    async for app in start_app(maker, store, tmp_path):
+        with redis_server(tmp_path / "redis", port=port):
             aid = (await app.adapt(context=CONTEXT))["adapter_id"]
-            redis.terminate()
-            redis.wait()
-            for r in (
-                await app.client.post("/v1/adapt", json={"context": CONTEXT}),
-                await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"}),
-                await app.client.get(f"/v1/adapters/{aid}"),
-            ):
-                assert_error(r, 503, f"Redis at redis://127.0.0.1:{port}/0) unavailable")
-            health = await app.client.get("/health")
-            assert health.status_code == 503 and "unavailable" in health.json()["store"]
-            base = await app.client.post("/v1/generate", json={"prompt": "x", "max_tokens": 1})
-            assert base.status_code == 200  # the base model needs no store
+        for r in (
+            await app.client.post("/v1/adapt", json={"context": CONTEXT}),
+            await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"}),
+            await app.client.get(f"/v1/adapters/{aid}"),
+        ):
+            assert_error(r, 503, f"Redis at redis://127.0.0.1:{port}/0) unavailable")
+        health = await app.client.get("/health")
+        assert health.status_code == 503 and "unavailable" in health.json()["store"]
+        base = await app.client.post("/v1/generate", json={"prompt": "x", "max_tokens": 1})
+        assert base.status_code == 200  # the base model needs no store
 
-            redis = start_redis(port)  # back, empty (no persistence)
+        with redis_server(tmp_path / "redis", port=port):  # back, empty (no persistence)
             assert (await app.client.get("/health")).status_code == 200
             again = await app.adapt(context=CONTEXT)
             assert (again["adapter_id"], again["cached"]) == (aid, False)
-    finally:
-        redis.terminate()
-        redis.wait()
+
+
+@pytest.mark.slow
+async def test_a_redis_that_refuses_writes_fails_health(
+    maker: AdapterMaker, tmp_path: Path, generator_runs: list[object]
+) -> None:
+    """A full Redis (noeviction) still answers PING: /health's write probe tells it, with
+    Redis's reason and without the password, and an adapt is a 503 before the generator runs."""
+    with redis_server(tmp_path / "redis", "--maxmemory-policy", "noeviction") as url:
+        admin = RedisStore(url, 60).redis
+        await admin.config_set("requirepass", "s3cret")
+        store = RedisStore(url.replace("redis://", "redis://:s3cret@"), ttl_s=3600)
+        async for app in start_app(maker, store, tmp_path):
+            assert (await app.client.get("/health")).status_code == 200
+            await admin.config_set("maxmemory", "1")
+            health = await app.client.get("/health")
+            assert health.status_code == 503
+            assert "refuses writes: OOM command not allowed" in health.json()["store"]
+            r = await app.client.post("/v1/adapt", json={"context": CONTEXT})
+            assert_error(r, 503, "OOM command not allowed")
+            assert generator_runs == []  # its lock could not be taken: nothing ran for nothing
+            assert "s3cret" not in health.text + r.text
+            await admin.config_set("maxmemory", "0")
+            assert (await app.client.get("/health")).status_code == 200
+        await admin.aclose()
+
+
+@pytest.mark.slow
+async def test_an_evicted_adapter_is_a_404_and_leaves_the_listing(
+    maker: AdapterMaker, tmp_path: Path, prefix: str
+) -> None:
+    """Redis under allkeys-lru evicts keys one by one: an adapter that lost one is not listed,
+    and using it is a 404 that says to adapt again (which makes it anew)."""
+    store = RedisStore(REDIS_URL, ttl_s=3600, prefix=prefix)
+    async for app in start_app(maker, store, tmp_path):
+        aid = (await app.adapt(context=CONTEXT))["adapter_id"]
+        kept = (await app.adapt(context="Another context."))["adapter_id"]
+        await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"})  # in use
+        await store.redis.delete(store._key(aid, "peft"))  # what eviction leaves
+        models = [m["id"] for m in (await app.client.get("/v1/models")).json()["data"]]
+        assert aid not in models and kept in models
+        chat = {"model": aid, "messages": [{"role": "user", "content": "x"}]}
+        for r in (
+            await app.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"}),
+            await app.client.post("/v1/chat/completions", json=chat),
+            await app.client.get(f"/v1/adapters/{aid}"),
+        ):
+            assert_error(r, 404, "it expired (unused past its TTL, or evicted from a full store)")
+            assert "adapt its context again" in r.json()["error"]["message"]
+        assert (await app.adapt(context=CONTEXT))["cached"] is False
 
 
 @pytest.mark.slow
@@ -740,3 +766,104 @@ def test_folders_of_processes_that_are_gone_are_removed(tmp_path: Path) -> None:
         (folder / "ga-x").mkdir(parents=True)
     LoRAFolders(tmp_path, capacity=2)
     assert not gone.exists() and alive.exists()
+
+
+# --- roles: adapt and generate pools ------------------------------------------------------------
+
+
+async def test_each_role_serves_its_part_and_refuses_the_other_with_501(
+    maker: AdapterMaker, tmp_path: Path
+) -> None:
+    """A server of role adapt makes adapters that one of role generate, sharing its store,
+    serves; each answers the other's endpoints with a 501 naming its role, even for a body
+    that is not valid; both list and show adapters."""
+    store = MemoryStore(1 << 30, 3600)  # shared, as Redis is by the servers of both pools
+    async with contextlib.AsyncExitStack() as stack:
+        adapt, generate = [
+            await stack.enter_async_context(
+                contextlib.asynccontextmanager(start_app)(maker, store, tmp_path / r, role=r)
+            )
+            for r in ("adapt", "generate")
+        ]
+        aid = (await adapt.adapt(context=CONTEXT))["adapter_id"]
+        chat = {"model": aid, "messages": [{"role": "user", "content": "x"}]}
+        refused = {
+            adapt: [
+                ("/v1/generate", {"adapter_id": aid, "prompt": "x"}),
+                ("/generate", {"prompt": "x"}),
+                ("/v1/chat/completions", chat),
+                ("/v1/completions", {"model": aid, "prompt": "x"}),
+            ],
+            generate: [("/v1/adapt", {"context": "new"}), ("/adapt", {})],
+        }
+        for app, routes in refused.items():
+            role, other = app.settings.role, "generate" if app is adapt else "adapt"
+            for path, body in routes:
+                r = await app.client.post(path, json=body)
+                text = f"POST {path} is not served here: this server's role is {role!r}"
+                assert assert_error(r, 501, text)["type"] == "not_implemented_error"
+                assert f"send it to a server of role {other!r} or 'all'" in r.text
+            models = [m["id"] for m in (await app.client.get("/v1/models")).json()["data"]]
+            assert aid in models
+            assert (await app.client.get(f"/v1/adapters/{aid}")).status_code == 200
+        r = await generate.client.post("/v1/generate", json={"adapter_id": aid, "prompt": "x"})
+        assert r.json()["text"].startswith(f"{aid}:0 ")
+        r = await generate.client.post("/v1/chat/completions", json=chat)
+        assert r.json()["text"] == f"answered by {aid}"
+        assert adapt.engine.loras == [] and not adapt.engine.openai.requests
+        assert (await adapt.client.get("/health")).json() == {
+            "ready": True,
+            "role": "adapt",
+            "engine": "none: role 'adapt' runs no engine",
+            "store": "ok",
+        }
+        health = await generate.client.get("/health")
+        assert health.json() == {"ready": True, "role": "generate", "engine": "ok", "store": "ok"}
+
+
+async def test_role_generate_loads_no_generator(
+    pipeline: AdapterPipeline, maker: AdapterMaker, tmp_path: Path
+) -> None:
+    """Only the tokenizer and the generator's config (vLLM loads the base model's weights): the
+    same tokens, rank and modules as the maker with its generator, and nothing to adapt with."""
+    save_generator(pipeline.generator, tmp_path / "generator")
+    model = load_served_model(pipeline.base.path, tmp_path / "generator")
+    assert not isinstance(model, AdapterMaker)
+    for field in ("base_model_path", "lora_rank", "target_modules", "max_token_chars"):
+        assert getattr(model, field) == getattr(maker, field)
+    assert model.tokenize(CONTEXT) == maker.tokenize(CONTEXT)
+    settings = Settings(
+        role="generate",
+        base_model=str(pipeline.base.path),
+        generator=tmp_path / "generator",
+        shm_dir=tmp_path / "shm",
+    )
+    app = create_app(
+        settings,
+        store=MemoryStore(1 << 20, 60),
+        engine_factory=FakeEngine,
+    )
+    async with app.router.lifespan_context(app):
+        assert not isinstance(app.state.adapters.maker, AdapterMaker)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+            assert_error(await client.post("/v1/adapt", json={"context": "x"}), 501, "'generate'")
+
+
+def test_a_role_without_redis_is_refused() -> None:
+    """A pool's servers share adapters through Redis; alone, a role would serve half a product."""
+    for role in ("adapt", "generate"):
+        with pytest.raises(SystemExit, match=f"role '{role}' shares its adapters"):
+            serve(Settings(role=role))
+
+
+def test_engine_args_carry_tensor_and_pipeline_parallelism(maker: AdapterMaker) -> None:
+    """The flags reach vLLM's engine arguments (both 1 by default: one device)."""
+    flags = ["serve", "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2"]
+    settings = Settings(**settings_overrides(build_parser().parse_args(flags)))
+    args = engine_args(settings, maker)
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (4, 2)
+    assert (args.max_lora_rank, args.lora_target_modules) == (8, maker.target_modules)
+    default = engine_args(Settings(), maker)
+    assert (default.tensor_parallel_size, default.pipeline_parallel_size) == (1, 1)

@@ -14,6 +14,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
         409: "stored adapter made for another setup",
         413: "context over the token limit",
         422: "invalid input",
+        501: "not served by this server's role (GENADAPTER_ROLE)",
         503: "adapter store or engine unavailable",
     }.items()
 }

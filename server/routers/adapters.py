@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.deps import AdapterServiceDep, TenantDep
+from server.deps import AdapterServiceDep, AdaptingServiceDep, TenantDep
 from server.protocol import AdapterInfo, AdaptRequest, AdaptResponse, DeleteResponse
 from server.routers import ERRORS, post_with_alias
 
@@ -12,7 +12,7 @@ router = APIRouter(tags=["adapters"], responses=ERRORS)
 
 
 async def adapt(
-    request: AdaptRequest, service: AdapterServiceDep, tenant: TenantDep
+    request: AdaptRequest, service: AdaptingServiceDep, tenant: TenantDep
 ) -> AdaptResponse:
     """Turn a context into an adapter, or return the cached one; `parent` extends an adapter."""
     return await service.adapt(request, tenant)

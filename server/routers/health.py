@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.deps import GenerationServiceDep
+from server.deps import SettingsDep
 from server.errors import ServerError
 from server.protocol import HealthResponse
+from server.service import GenerationService
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-async def health(generation: GenerationServiceDep) -> JSONResponse:
-    """Answers while the process lives; 200 only when the engine and the store both work."""
-    checks = {}
-    for name, check in (
-        ("engine", generation.engine.check_health),
-        ("store", generation.store.ping),
-    ):
+async def health(request: Request, settings: SettingsDep) -> JSONResponse:
+    """Answers while the process lives; 200 only when what its role runs works: the store
+    (reachable and taking writes) and, unless the role is adapt, the engine."""
+    generation: GenerationService | None = request.app.state.generation
+    checks = {"store": request.app.state.adapters.store.ping}
+    if generation is not None:
+        checks["engine"] = generation.engine.check_health
+    found = {"engine": f"none: role {settings.role!r} runs no engine"}
+    for name, check in checks.items():
         try:
             await check()
-            checks[name] = "ok"
+            found[name] = "ok"
         except ServerError as e:
-            checks[name] = e.message
-    body = HealthResponse(ready=all(v == "ok" for v in checks.values()), **checks)
-    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+            found[name] = e.message
+    ready = all(found[name] == "ok" for name in checks)
+    body = HealthResponse(ready=ready, role=settings.role, **found)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics")

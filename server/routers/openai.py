@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from server.deps import GenerationServiceDep, TenantDep
+from server.deps import AdapterServiceDep, GenerationServiceDep, TenantDep
 from server.protocol import ModelCard, ModelList
 from server.routers import ERRORS
 from server.vllm_openai import (
@@ -65,12 +65,11 @@ def respond(result: OpenAIResult) -> Response:
 
 
 @router.get("/v1/models")
-async def models(service: GenerationServiceDep, tenant: TenantDep) -> ModelList:
+async def models(service: AdapterServiceDep, tenant: TenantDep) -> ModelList:
     """The base model and every adapter in the store (each usable as `model`)."""
-    base = service.adapters.base_name
+    base = service.base_name
     cards = [ModelCard(id=base, parent=None)]
     cards += [
-        ModelCard(id=a.id, created=a.created_at, parent=base)
-        for a in await service.adapters.list(tenant)
+        ModelCard(id=a.id, created=a.created_at, parent=base) for a in await service.list(tenant)
     ]
     return ModelList(data=cards)
