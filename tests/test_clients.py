@@ -4,7 +4,12 @@ routes in process (a fake engine) for the wire format. The real server: tests/te
 
 from __future__ import annotations
 
+import functools
+import io
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -27,6 +32,8 @@ from clients import (
     UnprocessableEntityError,
 )
 from clients.wire import Events, stream_chat
+from genadapter import client as cli
+from genadapter.cli import main
 from generator.maker import AdapterMaker
 from server.store import MemoryStore
 from tests.test_app import CONTEXT, maker, pipeline, start_app  # noqa: F401 (fixtures)
@@ -334,3 +341,160 @@ async def test_the_async_client_against_the_apps_routes(served: httpx.AsyncBaseT
     async with AsyncGenerativeAdapterClient(URL, api_key="wrong", transport=served) as client:
         with pytest.raises(AuthenticationError, match="a valid API key is required"):
             await client.models()
+
+
+# --- `genadapter client` ------------------------------------------------------------------------
+
+
+class FakeServer:
+    """Enough of the server for the commands: adapt, chat (an answer naming the turn, streamed),
+    models, show and delete; every request kept."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path, body = request.url.path, json.loads(request.content or "null")
+        if path == "/v1/adapt":
+            made = {"adapter_id": AID, "tokens": 9, "cached": False, "created_at": 0}
+            return httpx.Response(200, json={**made, "base_model": "base", "seconds": 1.5})
+        if path == "/v1/chat/completions":
+            if body["model"] != AID:
+                return error(404, f"model {body['model']} not found", "not_found_error")
+            turn = sum(m["role"] == "user" for m in body["messages"])
+            return events(chunk("answer "), chunk(f"{turn}"))
+        if path == "/v1/models":
+            cards = [{"id": "base"}, {"id": AID, "created": 86400, "parent": "base"}]
+            return httpx.Response(200, json={"data": cards})
+        if request.method == "DELETE":
+            return httpx.Response(200, json={"id": AID, "deleted": True})
+        info = {"id": AID, "created_at": 0, "tokens": 9, "base_model": "base", "lora_rank": 16}
+        return httpx.Response(200, json={**info, "fingerprint": "f"})
+
+    def bodies(self) -> list[Any]:
+        return [json.loads(r.content) for r in self.requests if r.content]
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
+    fake = FakeServer()
+    connect = functools.partial(GenerativeAdapterClient, transport=httpx.MockTransport(fake))
+    monkeypatch.setattr(cli, "GenerativeAdapterClient", connect)
+    return fake
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(["client", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_adapt_prints_the_id_and_reads_files_as_documents(
+    fake: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("First document.")
+    b.write_text("Second document.")
+    assert run(["adapt", str(a)], capsys) == (0, f"{AID}\n", "9 tokens, made in 1.5 s\n")
+    assert run(["adapt", str(a), str(b), "--parent", AID], capsys)[:2] == (0, f"{AID}\n")
+    assert fake.bodies() == [
+        {"context": "First document."},
+        {"documents": ["First document.", "Second document."], "parent": AID},
+    ]
+
+
+def test_ask_streams_the_answer(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["ask", AID, "Capital?", "--temperature", "0"], capsys) == (0, "answer 1\n", "")
+    question = [{"role": "user", "content": "Capital?"}]
+    assert fake.bodies() == [
+        {"model": AID, "messages": question, "temperature": 0.0, "stream": True}
+    ]
+
+
+def test_chat_keeps_the_history_until_exit(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("First?\n\nSecond?\n/exit\nnever sent\n"))
+    code, out, err = run(["chat", AID], capsys)
+    assert (code, out) == (0, "> answer 1\n> > answer 2\n> ")  # a blank line asks again
+    assert "/exit or Ctrl-D" in err
+    assert fake.bodies()[-1]["messages"] == [
+        {"role": "user", "content": "First?"},
+        {"role": "assistant", "content": "answer 1"},
+        {"role": "user", "content": "Second?"},
+    ]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Only?\n"))  # EOF ends it too
+    assert run(["chat", AID], capsys)[:2] == (0, "> answer 1\n> ")
+
+
+def test_adapters_list_show_delete(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    listed = (0, f"{AID}\t1970-01-02 00:00:00 UTC\n", "")
+    assert run(["adapters"], capsys) == run(["adapters", "list"], capsys) == listed
+    code, out, _ = run(["adapters", "--url", URL, "show", AID], capsys)
+    assert code == 0 and json.loads(out)["tokens"] == 9
+    assert run(["adapters", "delete", AID, "--url", URL], capsys) == (0, "", f"deleted {AID}\n")
+    assert [(r.method, str(r.url)) for r in fake.requests[-2:]] == [
+        ("GET", f"{URL}/v1/adapters/{AID}"),
+        ("DELETE", f"{URL}/v1/adapters/{AID}"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["ask", "ga-unknown", "Hi"],
+            "ask: error: 404 not_found_error: model ga-unknown not found",
+        ),
+        (["chat", "ga-unknown"], "chat: error: ga-unknown is not a model of this server"),
+        (["adapt", "missing.txt"], "adapt: error: [Errno 2] No such file or directory"),
+        (["adapt", "--parent", "nope", __file__], "adapt: error: parent: String should match"),
+    ],
+)
+def test_errors_are_one_line_and_exit_1(
+    fake: FakeServer, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, out, err = run(argv, capsys)
+    assert (code, out) == (1, "") and err.startswith(f"genadapter client {message}")
+    assert err.count("\n") == 1
+
+
+def test_an_unreachable_server_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        cli, "GenerativeAdapterClient", functools.partial(GenerativeAdapterClient, retry=FAST)
+    )
+    code, _, err = run(["adapters", "--url", "http://127.0.0.1:9"], capsys)
+    assert code == 1 and err == (
+        "genadapter client adapters: error: GET http://127.0.0.1:9/v1/models: "
+        "ConnectError: [Errno 111] Connection refused\n"
+    )
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_elapsed_time_shows_on_a_terminal_only() -> None:
+    terminal, pipe = Terminal(), io.StringIO()
+    for out in (terminal, pipe):
+        with cli.elapsed("adapting...", out):
+            time.sleep(3 * cli.TICK_S)
+    assert "\radapting... 0.2 s" in terminal.getvalue() and terminal.getvalue().endswith("\033[K")
+    assert pipe.getvalue() == ""
+
+
+def test_the_client_commands_import_no_torch() -> None:
+    """`genadapter client` starts without the generator, the server or torch (a client-only
+    install has none of them)."""
+    code = (
+        "import sys\nfrom genadapter.cli import main\n"
+        "try:\n    main(['client', 'chat', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'torch', 'generator', 'fastapi', 'server.service'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stdout.endswith("[]\n"), run.stderr
