@@ -34,7 +34,7 @@ T = TypeVar("T")
 def _blocking(build: Callable[P, Call[T]]) -> Callable[Concatenate[GenerativeAdapterClient, P], T]:
     @functools.wraps(build)
     def method(self: GenerativeAdapterClient, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self.call(build(*args, **kwargs))
+        return self._call(build(*args, **kwargs))
 
     return method
 
@@ -44,7 +44,7 @@ def _blocking_stream(
 ) -> Callable[Concatenate[GenerativeAdapterClient, P], Iterator[T]]:
     @functools.wraps(build)
     def method(self: GenerativeAdapterClient, *args: P.args, **kwargs: P.kwargs) -> Iterator[T]:
-        return self.stream(build(*args, **kwargs))
+        return self._stream(build(*args, **kwargs))
 
     return method
 
@@ -54,7 +54,7 @@ def _async(
 ) -> Callable[Concatenate[AsyncGenerativeAdapterClient, P], Coroutine[Any, Any, T]]:
     @functools.wraps(build)
     async def method(self: AsyncGenerativeAdapterClient, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self.call(build(*args, **kwargs))
+        return await self._call(build(*args, **kwargs))
 
     return method
 
@@ -66,7 +66,7 @@ def _async_stream(
     def method(
         self: AsyncGenerativeAdapterClient, *args: P.args, **kwargs: P.kwargs
     ) -> AsyncIterator[T]:
-        return self.stream(build(*args, **kwargs))
+        return self._stream(build(*args, **kwargs))
 
     return method
 
@@ -99,10 +99,10 @@ class GenerativeAdapterClient:
     def close(self) -> None:
         self.http.close()
 
-    def call(self, call: Call[T]) -> T:
+    def _call(self, call: Call[T]) -> T:
         return call.parse(self._send(call).json())
 
-    def stream(self, call: StreamCall[T]) -> Iterator[T]:
+    def _stream(self, call: StreamCall[T]) -> Iterator[T]:
         response = self._send(call)
         events = Events(call)
         try:
@@ -173,10 +173,10 @@ class AsyncGenerativeAdapterClient:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def call(self, call: Call[T]) -> T:
+    async def _call(self, call: Call[T]) -> T:
         return call.parse((await self._send(call)).json())
 
-    async def stream(self, call: StreamCall[T]) -> AsyncIterator[T]:
+    async def _stream(self, call: StreamCall[T]) -> AsyncIterator[T]:
         response = await self._send(call)
         events = Events(call)
         try:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from pydantic import ValidationError
 
@@ -72,7 +72,9 @@ def cmd_adapt(client: GenerativeAdapterClient, args: argparse.Namespace) -> None
     print(made.adapter_id)
 
 
-def answer(client: GenerativeAdapterClient, args: argparse.Namespace, history: list[Any]) -> str:
+def answer(
+    client: GenerativeAdapterClient, args: argparse.Namespace, history: list[dict[str, str]]
+) -> str:
     """Streams the reply to `history` to stdout as it comes; returns it whole."""
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     given = {k: v for k, v in sampling.items() if v is not None}
@@ -99,7 +101,7 @@ def cmd_chat(client: GenerativeAdapterClient, args: argparse.Namespace) -> None:
             f"{args.model} is not a model of this server: see `genadapter client adapters`"
         )
     print(f"chatting with {args.model}; {EXIT} or Ctrl-D to leave", file=sys.stderr)
-    history: list[Any] = []
+    history: list[dict[str, str]] = []
     while True:
         try:
             question = input("> ")
