@@ -107,7 +107,7 @@ class Call(Generic[T]):
     def checked(self, outcome: Outcome, url: httpx.URL) -> httpx.Response:
         """The response to read, or the error to raise (its body already read)."""
         if isinstance(outcome, httpx.TransportError):
-            raise self.failed(outcome, url)
+            raise self.failed(outcome, url) from outcome
         if outcome.is_error and outcome.status_code not in self.answers:
             raise error_of(outcome)
         return outcome
