@@ -427,7 +427,10 @@ class Tmux:
         return screen
 
     def close(self) -> None:
+        """Its server stopped, its socket file removed (tmux leaves it)."""
+        socket = Path(self("display-message", "-p", "#{socket_path}").strip())
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        socket.unlink(missing_ok=True)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
