@@ -1,4 +1,6 @@
-"""`genadapter`: the command line, on top of every other layer."""
+"""`genadapter`: the command line, on top of every other layer. The generator (torch) is imported
+by the commands that use it, so `genadapter client` starts at once, also where only the client
+is installed."""
 
 from __future__ import annotations
 
@@ -12,26 +14,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from generator.base_model import BaseModelError, load_base_model
-from generator.maker import load_maker
-from generator.pipeline import (
-    AdapterPipeline,
-    EmptyContextError,
-    GeneratorError,
-    load_generator,
-    load_pipeline,
-    new_generator,
-)
-from generator.training.data import PRETRAIN_SOURCES, QA_SETS, default_data_dir, prepare_data
+from genadapter import client
 
 if TYPE_CHECKING:
     from generator.training.train import TrainConfig
 
-USER_ERRORS = (BaseModelError, GeneratorError, EmptyContextError, OSError, UnicodeDecodeError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What the commands raise for bad input (files, models, contexts): one line, not a trace."""
+    from generator.base_model import BaseModelError
+    from generator.pipeline import EmptyContextError, GeneratorError
+
+    return (BaseModelError, GeneratorError, EmptyContextError, OSError, UnicodeDecodeError)
 
 
 def read_context(path: Path) -> str:
     """Read a context file; an empty one is a user error, not an empty adapter."""
+    from generator.pipeline import EmptyContextError
+
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         raise EmptyContextError(f"context file {path} is empty")
@@ -39,6 +39,8 @@ def read_context(path: Path) -> str:
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
+    from generator.maker import load_maker
+
     context = read_context(args.context_file)  # before loading models: fail fast, write nothing
     maker = load_maker(args.base_model, args.generator)
     start = time.perf_counter()
@@ -52,6 +54,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
+    from generator.training.data import prepare_data
+
     print(f"data ready in {prepare_data(args.data_dir, force=args.force)}")
 
 
@@ -64,6 +68,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from generator.base_model import load_base_model
+    from generator.pipeline import AdapterPipeline, load_generator, new_generator
     from generator.training.train import train
 
     config = train_config(args)
@@ -79,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from generator.pipeline import load_pipeline
+    from generator.training.data import default_data_dir
     from generator.training.evaluate import EvalConfig, evaluate, markdown
 
     pipeline = load_pipeline(args.base_model, args.generator)
@@ -143,6 +151,7 @@ def server_flags(settings: dict[str, Any]) -> list[str]:
 
 def cmd_bench_scenarios(args: argparse.Namespace) -> None:
     from benchmarks import scenarios
+    from generator.pipeline import load_pipeline
     from server.launch import running_server
     from server.settings import Settings
 
@@ -185,6 +194,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> None:
 
 def cmd_bench_adapt(args: argparse.Namespace) -> None:
     from benchmarks import adapt
+    from generator.pipeline import load_pipeline
 
     result = adapt.run(load_pipeline(args.base_model, args.generator), tuple(args.tokens))
     report(result, adapt.markdown(result), adapt.SECTION, args)
@@ -192,6 +202,8 @@ def cmd_bench_adapt(args: argparse.Namespace) -> None:
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from benchmarks import train
+    from generator.pipeline import load_pipeline
+    from generator.training.data import default_data_dir
 
     pipeline = load_pipeline(args.base_model, args.generator)
     result = train.run(pipeline, args.data_dir or default_data_dir(), args.steps, args.batch_size)
@@ -228,6 +240,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from generator.training.data import PRETRAIN_SOURCES, QA_SETS
+
     parser = argparse.ArgumentParser(
         prog="genadapter",
         description="Generative Adapter: turn a context into a LoRA adapter and serve it.",
@@ -354,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
+    # listed here; main() hands `genadapter client ...` to the client's own parser
+    sub.add_parser("client", help="drive a running server: adapt, ask, chat, adapters")
+
     p = sub.add_parser("serve", help="run the HTTP server (settings: flags or GENADAPTER_*)")
     add_server_args(p)
     p.set_defaults(func=cmd_serve)
@@ -414,12 +431,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["client"]:  # its own parser: this one imports the generator
+        return client.main(argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+    except ModuleNotFoundError as e:  # the bare package is the client alone
+        print(
+            f"genadapter: error: {e.name} is not installed; without the package's cpu or gpu "
+            "extra only `genadapter client` works",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except USER_ERRORS as e:
+    except user_errors() as e:
         print(f"genadapter {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -87,7 +87,7 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for command in ("adapt", "serve", "train", "eval", "data", "bench"):
+    for command in ("adapt", "client", "serve", "train", "eval", "data", "bench"):
         assert command in help_text
 
 

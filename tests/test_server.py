@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
-from clients import ApiError, GenerativeAdapterClient
+from clients import ApiError, AsyncGenerativeAdapterClient, GenerativeAdapterClient, NotFoundError
 from generator.base_model import BaseModel
 from generator.lora import write_peft_folder
 from generator.pipeline import save_generator
@@ -334,6 +335,129 @@ def test_served_adapter_generates_like_peft(
 
 def _as_list(x: int | list[int] | None) -> list[int]:
     return [] if x is None else [x] if isinstance(x, int) else list(x)
+
+
+async def test_async_client_end_to_end(server: Server) -> None:
+    """The asyncio client answers as the blocking one: every call, streams equal to the whole."""
+    sampling = {"max_tokens": 16, "temperature": 0}
+    question = [{"role": "user", "content": QUESTION}]
+    async with AsyncGenerativeAdapterClient(server.url) as client:
+        made = await client.adapt(context=OTHER_CONTEXT)
+        aid = made.adapter_id
+        assert (await client.adapt(context=OTHER_CONTEXT)).cached
+        child = await client.adapt(documents=["He sails on Sundays."], parent=aid)
+        chat = [{"role": "user", "content": "I am Marco."}, {"role": "assistant", "content": "Hi!"}]
+        talked = await client.adapt(messages=chat)
+        both = await client.adapt(compose=[child.adapter_id, talked.adapter_id])
+        assert child.parent == aid and both.composed == sorted(
+            [child.adapter_id, talked.adapter_id]
+        )
+
+        answer = await client.generate(aid, QUESTION, **sampling)
+        assert answer.text == server.client.generate(aid, QUESTION, **sampling).text
+        streamed = [e.text async for e in client.stream_generate(aid, QUESTION, **sampling)]
+        assert "".join(streamed) == answer.text and len(streamed) > 1
+        reply = (await client.chat(aid, question, **sampling)).choices[0].message.content
+        chunks = [c.text async for c in client.stream_chat(aid, question, **sampling)]
+        assert "".join(chunks) == reply == answer.text
+
+        assert (await client.info(aid)).tokens == made.tokens
+        assert {aid, both.adapter_id} <= {m.id for m in await client.adapters()}
+        assert (await client.health()).ready
+        assert (await client.delete(both.adapter_id)).deleted
+        with pytest.raises(NotFoundError, match="not found"):
+            await client.generate(both.adapter_id, QUESTION)
+
+
+def genadapter(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    """`genadapter client ...` in its own process, the server's URL from the environment."""
+    env = {**os.environ, "GENADAPTER_URL": url, "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [sys.executable, "-m", "genadapter.cli", "client", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_adapt_ask_and_adapters(server: Server, tmp_path: Path) -> None:
+    """A file becomes an adapter (stdout: its id alone), a question is answered as the chat
+    endpoint answers it, and adapters are listed, shown and deleted."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(f"{CONTEXT} The command line read this.", encoding="utf-8")
+    made = genadapter("adapt", str(doc), url=server.url)
+    assert made.returncode == 0, made.stderr
+    aid = made.stdout.strip()
+    assert made.stdout == f"{aid}\n" and aid.startswith("ga-") and "tokens" in made.stderr
+
+    asked = genadapter(
+        "ask", aid, QUESTION, "--max-tokens", "16", "--temperature", "0", url=server.url
+    )
+    question = [{"role": "user", "content": QUESTION}]
+    expected = server.client.chat(aid, question, max_tokens=16, temperature=0)
+    assert asked.returncode == 0 and asked.stdout == f"{expected.choices[0].message.content}\n"
+
+    assert aid in genadapter("adapters", url=server.url).stdout.split()
+    shown = genadapter("adapters", "show", aid, "--url", server.url, url="http://127.0.0.1:9")
+    assert json.loads(shown.stdout)["tokens"] == server.client.info(aid).tokens
+    assert genadapter("adapters", "delete", aid, url=server.url).returncode == 0
+    gone = genadapter("adapters", "show", aid, url=server.url)
+    assert gone.returncode == 1 and gone.stdout == "" and gone.stderr.count("\n") == 1
+    assert gone.stderr.startswith(
+        f"genadapter client adapters: error: 404 not_found_error: adapter {aid} not found"
+    )
+
+
+class Tmux:
+    """A terminal of our own (its own tmux server), for a command that needs one."""
+
+    def __init__(self, command: str, width: int = 200) -> None:
+        self.socket = f"genadapter-test-{uuid.uuid4().hex}"
+        self("new-session", "-d", "-x", str(width), "-y", "50", command)
+
+    def __call__(self, *args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, check=True
+        ).stdout
+
+    def screen(self) -> str:
+        return " ".join(self("capture-pane", "-p", "-J").split())
+
+    def wait_for(self, text: str, timeout_s: float = 120) -> str:
+        deadline = time.monotonic() + timeout_s
+        while text not in (screen := self.screen()):
+            assert time.monotonic() < deadline, f"{text!r} not on the screen: {screen}"
+            time.sleep(0.2)
+        return screen
+
+    def close(self) -> None:
+        """Its server stopped, its socket file removed (tmux leaves it)."""
+        socket = Path(self("display-message", "-p", "#{socket_path}").strip())
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+        socket.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_cli_chat_in_a_terminal(server: Server) -> None:
+    """`client chat` in a real terminal: questions typed, answers streamed, the history kept
+    (the second answer is the chat endpoint's to the whole conversation), /exit leaves with 0."""
+    aid = server.client.adapt(context=CONTEXT).adapter_id
+    root = Path(__file__).parents[1]
+    chat = f"{sys.executable} -m genadapter.cli client chat {aid} --max-tokens 12 --temperature 0"
+    env = f"PYTHONPATH={root} GENADAPTER_URL={server.url}"
+    term = Tmux(f"cd {root} && {env} {chat}; echo exited $?; sleep 60")
+    try:
+        term.wait_for("/exit or Ctrl-D to leave")
+        history: list[dict[str, str]] = []
+        for question in (QUESTION, "And who founded it?"):
+            history.append({"role": "user", "content": question})
+            reply = server.client.chat(aid, history, max_tokens=12, temperature=0)
+            answer = reply.choices[0].message.content
+            history.append({"role": "assistant", "content": answer})
+            term("send-keys", "-l", question)
+            term("send-keys", "Enter")
+            term.wait_for(" ".join(f"> {question} {answer} >".split()))
+        term("send-keys", "-l", "/exit")
+        term("send-keys", "Enter")
+        term.wait_for("exited 0")
+    finally:
+        term.close()
 
 
 def test_sigterm_lets_requests_finish_for_the_grace_period_then_exits(tmp_path: Path) -> None:
