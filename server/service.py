@@ -88,21 +88,20 @@ class AdapterService:
         if request.compose is not None:
             parts = sorted(check_adapter_id(a) for a in request.compose)  # order-independent
             aid = self.generator.composed_id(parts, tenant)
-            stored, created = await self.store.get_or_create(
+            info, created = await self.store.get_or_create(
                 aid, lambda: self._compose(aid, parts, tenant)
             )
         else:
             text, ids = await self.context_ids(request)
             parent = None if request.parent is None else check_adapter_id(request.parent)
             aid = self.generator.adapter_id(text, parent, tenant)
-            stored, created = await self.store.get_or_create(
+            info, created = await self.store.get_or_create(
                 aid, lambda: self._create(aid, ids, parent, tenant)
             )
         cache = "miss" if created else "hit"
         seconds = time.perf_counter() - start
         metrics.ADAPT_CACHE.labels(cache).inc()
         metrics.ADAPT_SECONDS.labels(cache).observe(seconds)
-        info = stored.info
         return AdaptResponse(
             adapter_id=aid,
             tokens=info.tokens,

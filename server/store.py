@@ -124,20 +124,22 @@ class AdapterStore(ABC):
     async def close(self) -> None:
         return None
 
-    async def get_or_create(self, adapter_id: str, factory: Factory) -> tuple[StoredAdapter, bool]:
-        """The stored entry, else `factory()`'s result, stored; True if this call created it.
+    async def get_or_create(self, adapter_id: str, factory: Factory) -> tuple[AdapterInfo, bool]:
+        """The entry's metadata, else `factory()`'s result, stored; True if this call created it.
 
-        Single flight: concurrent callers for one id wait on the lock and then find the entry,
-        so the factory runs once. A failing factory stores nothing.
+        A hit reads the metadata only (`touch`: its weights stay where they are, so a cached
+        adapt costs the same for any adapter size); the checksum is checked when the weights
+        are read to be used. Single flight: concurrent callers for one id wait on the lock and
+        then find the entry, so the factory runs once. A failing factory stores nothing.
         """
-        if (hit := await self.get(adapter_id)) is not None:
+        if (hit := await self.touch(adapter_id)) is not None:
             return hit, False
         async with self.lock(adapter_id):
-            if (hit := await self.get(adapter_id)) is not None:
+            if (hit := await self.touch(adapter_id)) is not None:
                 return hit, False
             adapter = await factory()
             await self.put(adapter)
-            return adapter, True
+            return adapter.info, True
 
 
 class MemoryStore(AdapterStore):
