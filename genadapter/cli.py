@@ -157,7 +157,9 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
 
     sizes = scenarios.QUICK if args.quick else scenarios.Sizes()
     max_model_len = args.max_model_len or (512 if args.quick else 4608)
-    settings = {**settings_overrides(args), "max_model_len": max_model_len}
+    # the scenarios' adapts of one tenant at once: let them all run
+    settings = {"tenant_adapts": sizes.concurrency, **settings_overrides(args)}
+    settings["max_model_len"] = max_model_len
     settings["kv_cache_gib"] = Settings(**settings).kv_cache_gib  # flag, environment or default
     small_kv = {**settings, "kv_cache_gib": args.small_kv_cache_gib}
     args.log.parent.mkdir(parents=True, exist_ok=True)
