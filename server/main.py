@@ -79,7 +79,7 @@ def create_app(
             "no API keys configured: single-tenant development mode, every caller sees every "
             "adapter (set GENADAPTER_API_KEYS or --api-keys-file)"
         )
-    app.state.limits = TenantLimits(settings.tenant_adapts, settings.tenant_requests_per_minute)
+    app.state.limits = TenantLimits(settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for module in (adapters, generate, openai, health):

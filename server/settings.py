@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     tenant_requests_per_minute: int = Field(
         0, ge=0, description="requests per minute per tenant (0: no limit)"
     )
+    tenant_adapters: int = Field(
+        1000, ge=0, description="adapters one tenant may store (0: no limit)"
+    )
     redis_url: str | None = Field(None, description="None: in-process store")
     redis_prefix: str = Field("genadapter", description="prefix of this server's Redis keys")
     adapter_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="sliding, per adapter")

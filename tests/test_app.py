@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -731,6 +732,32 @@ async def test_a_tenant_over_its_adapts_at_once_gets_429(
         release.set()
         assert all(not x["cached"] for x in await asyncio.gather(*running))
         assert (await app.adapt(context="a third"))["cached"] is False  # slots are back
+
+
+async def test_a_tenant_storing_its_limit_of_adapters_gets_429_for_a_new_one(
+    maker: AdapterMaker, tmp_path: Path, generator_runs: list[object]
+) -> None:
+    """Two adapters stored: a third context (or composing them) is refused before the generator
+    runs, a cache hit is not, another tenant is not; after a delete it may adapt again."""
+    store = MemoryStore(1 << 30, 3600)
+    keys = "alice:key-a,bob:key-b"
+    async for app in start_app(maker, store, tmp_path, api_keys=keys, tenant_adapters=2):
+        alice, bob = ({"Authorization": f"Bearer key-{t}"} for t in "ab")
+        adapt = partial(app.client.post, "/v1/adapt")
+        made = [await adapt(json={"context": f"text {i}"}, headers=alice) for i in range(2)]
+        ids = [r.json()["adapter_id"] for r in made]
+        runs = len(generator_runs)
+        for body in ({"context": "a third"}, {"compose": ids}):
+            r = await adapt(json=body, headers=alice)
+            assert_error(r, 429, "you store 2 adapters, the limit is 2")
+            retry = int(r.headers["Retry-After"])  # when the oldest can lapse, unused
+            assert app.settings.adapter_ttl_s - 5 <= retry <= app.settings.adapter_ttl_s
+        assert len(generator_runs) == runs  # refused before the generator ran
+        assert (await adapt(json={"context": "text 0"}, headers=alice)).json()["cached"] is True
+        assert (await adapt(json={"context": "a third"}, headers=bob)).status_code == 200
+        await app.client.delete(f"/v1/adapters/{ids[0]}", headers=alice)
+        again = await adapt(json={"context": "a third"}, headers=alice)
+        assert again.json()["cached"] is False
 
 
 def test_folders_of_processes_that_are_gone_are_removed(tmp_path: Path) -> None:
