@@ -96,6 +96,15 @@ def _json(status: int, body: ErrorResponse) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+def http_response(exc: ServerError) -> JSONResponse:
+    """A typed error as HTTP: from the handler below, or from a middleware that answers before
+    the app's handlers are reached."""
+    response = _json(exc.status, error_response(exc))
+    if isinstance(exc, TooManyRequests):
+        response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The one place where exceptions become HTTP responses."""
 
@@ -103,10 +112,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def server_error(_: Request, exc: ServerError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        response = _json(exc.status, error_response(exc))
-        if isinstance(exc, TooManyRequests):
-            response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
-        return response
+        return http_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     allow_insecure: bool = Field(
         False, description="serve without keys on an address other than loopback"
     )
+    public_docs: bool = Field(
+        False, description="with keys, /docs, /redoc, /openapi.json and /metrics need none"
+    )
     tenant_adapts: int = Field(4, gt=0, description="adapts of one tenant running at once")
     tenant_requests_per_minute: int = Field(
         0, ge=0, description="requests per minute per tenant (0: no limit)"

@@ -684,6 +684,28 @@ async def test_each_tenant_sees_only_its_own_adapters(maker: AdapterMaker, tmp_p
         assert (await app.client.get("/health")).status_code == 200  # probes need no key
 
 
+@pytest.mark.parametrize(
+    ("settings", "needs_key"),
+    [
+        ({"api_keys": "alice:key-a"}, True),
+        ({"api_keys": "alice:key-a", "public_docs": True}, False),
+        ({}, False),  # development mode: no keys to ask for
+    ],
+)
+async def test_docs_and_metrics_need_a_key_unless_public(
+    maker: AdapterMaker, tmp_path: Path, settings: dict, needs_key: bool
+) -> None:
+    store = MemoryStore(1 << 30, 3600)
+    async for app in start_app(maker, store, tmp_path, **settings):
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/metrics"):
+            r = await app.client.get(path)
+            if needs_key:
+                assert_error(r, 401, "a valid API key is required")
+                r = await app.client.get(path, headers={"Authorization": "Bearer key-a"})
+            assert r.status_code == 200, (path, r.text)
+        assert (await app.client.get("/health")).status_code == 200  # probes never need one
+
+
 def test_api_keys_from_the_environment_and_a_file(tmp_path: Path) -> None:
     file = tmp_path / "keys"
     file.write_text("# tenant key\ncarol key-c\n\n")
