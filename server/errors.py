@@ -120,8 +120,9 @@ def install_error_handlers(app: FastAPI) -> None:
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"] if p != "body")
             problems.append(f"{where or 'body'}: {e['msg']}")
-        param = ".".join(str(p) for p in exc.errors()[0]["loc"][1:]) if exc.errors() else None
-        return _json(422, error_body(422, "; ".join(problems), "invalid_request_error", param))
+        param = ".".join(str(p) for p in exc.errors()[0]["loc"][1:]) if exc.errors() else ""
+        message = "; ".join(problems)
+        return _json(422, error_body(422, message, "invalid_request_error", param or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

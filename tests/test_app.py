@@ -489,6 +489,8 @@ async def test_malformed_json_is_422(app: App) -> None:
             422,
             "invalid adapter id",
         ),
+        ("POST", "/v1/completions", {}, 422, "Either prompt or prompt_embeds must be provided"),
+        ("POST", "/v1/chat/completions", {"messages": False}, 422, "vLLM cannot read it"),
     ],
 )
 async def test_request_errors(
