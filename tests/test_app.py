@@ -14,15 +14,20 @@ import os
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
+import schemathesis
 from fastapi import Request
+from hypothesis import strategies as st
 from pydantic import BaseModel
+from schemathesis import Case, GenerationMode
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
@@ -643,6 +648,51 @@ async def test_openapi_describes_every_route(app: App) -> None:
     assert {"AdaptResponse", "GenerateResponse"} <= set(schemas)  # answers documented
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert {"messages", "n", "logprobs", "response_format", "stream_options"} <= set(chat)
+
+
+FUZZ_CASES = 300  # drawn over every operation, inputs valid and not: about half a minute
+FUZZ_TIMEOUT_S = 10  # a request answered later than this counts as a hang
+
+
+def fuzzed_request(case: Case) -> dict[str, Any]:
+    """A case schemathesis drew as httpx's arguments. A JSON body is written by json.dumps, so
+    a lone surrogate arrives escaped, as any client may send it."""
+    args = case.as_transport_kwargs(base_url="http://test")
+    if "json" in args:
+        args["content"] = json.dumps(args.pop("json"))
+    elif "data" in args:
+        args["content"] = args.pop("data")
+    return {k: args[k] for k in ("method", "url", "headers", "params", "content") if k in args}
+
+
+async def test_requests_fuzzed_from_the_openapi_schema_get_no_5xx(app: App) -> None:
+    """Every operation of /openapi.json with inputs schemathesis draws from it, valid and not:
+    none is answered with a 5xx or hangs, and the server is healthy after."""
+    schema = schemathesis.openapi.from_dict((await app.client.get("/openapi.json")).json())
+    modes = [GenerationMode(m) for m in ("positive", "negative")]
+    cases = st.one_of([schema.as_strategy(mode) for mode in modes])
+    statuses: Counter[int] = Counter()
+    loop = asyncio.get_running_loop()
+
+    @hypothesis.settings(
+        max_examples=FUZZ_CASES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(case=cases)
+    def fuzz(case: Case) -> None:  # in a thread: hypothesis drives a function, not a coroutine
+        request = app.client.request(**fuzzed_request(case))
+        r = asyncio.run_coroutine_threadsafe(request, loop).result(FUZZ_TIMEOUT_S)
+        statuses[r.status_code] += 1
+        assert r.status_code < 500, f"{case.as_curl_command()}\n{r.status_code} {r.text}"
+
+    await asyncio.to_thread(fuzz)
+    print(f"fuzzed {statuses.total()} requests; statuses {sorted(statuses.items())}")
+    assert statuses.total() >= FUZZ_CASES / 2 and {200, 422} <= statuses.keys()
+    assert (await app.client.get("/health")).status_code == 200
+    text = (await app.client.get("/metrics")).text
+    assert metric(text, "genadapter_generation_requests_in_flight") == 0  # every one ended
 
 
 # --- API keys and tenants ----------------------------------------------------------------------
