@@ -10,7 +10,10 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
-from server.errors import ServerError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.errors import ServerError, http_response
 
 
 class Unauthorized(ServerError):
@@ -54,3 +57,23 @@ class ApiKeys:
         if found is None:
             raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
         return found
+
+
+class KeyRequired:
+    """ASGI middleware: the paths the app serves outside its routes' dependencies (FastAPI's
+    /docs, /redoc and /openapi.json) or in a router shared with /health (/metrics) need a key
+    too; every other route checks its own (deps.get_tenant)."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, paths: set[str]) -> None:
+        self.app = app
+        self.keys = keys
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            try:
+                self.keys.tenant(Headers(scope=scope).get("authorization"))
+            except Unauthorized as e:
+                await http_response(e)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

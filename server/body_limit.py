@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ServerError, error_body
+from server.errors import ServerError, http_response
 
 
 class BodyTooLarge(ServerError):
@@ -53,6 +52,4 @@ class BodyLimit:
         )
 
     async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        e = self.error()
-        body = error_body(e.status, e.message, e.type, e.param).model_dump()
-        await JSONResponse(body, status_code=e.status)(scope, receive, send)
+        await http_response(self.error())(scope, receive, send)

@@ -103,6 +103,15 @@ def _json(status: int, body: ErrorResponse) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+def http_response(exc: ServerError) -> JSONResponse:
+    """A typed error as HTTP: from the handler below, or from a middleware that answers before
+    the app's handlers are reached."""
+    response = _json(exc.status, error_response(exc))
+    if isinstance(exc, TooManyRequests):
+        response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The one place where exceptions become HTTP responses."""
 
@@ -110,10 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def server_error(_: Request, exc: ServerError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        response = _json(exc.status, error_response(exc))
-        if isinstance(exc, TooManyRequests):
-            response.headers["Retry-After"] = str(math.ceil(exc.retry_after_s))
-        return response
+        return http_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -121,8 +127,9 @@ def install_error_handlers(app: FastAPI) -> None:
         for e in exc.errors():
             where = ".".join(str(p) for p in e["loc"] if p != "body")
             problems.append(f"{where or 'body'}: {e['msg']}")
-        param = ".".join(str(p) for p in exc.errors()[0]["loc"][1:]) if exc.errors() else None
-        return _json(422, error_body(422, "; ".join(problems), "invalid_request_error", param))
+        param = ".".join(str(p) for p in exc.errors()[0]["loc"][1:]) if exc.errors() else ""
+        message = "; ".join(problems)
+        return _json(422, error_body(422, message, "invalid_request_error", param or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

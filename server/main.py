@@ -15,7 +15,7 @@ from importlib.metadata import version
 from fastapi import FastAPI
 
 from generator.maker import AdapterMaker, ServedModel, load_maker, load_served_model
-from server.auth import ApiKeys
+from server.auth import ApiKeys, KeyRequired
 from server.batcher import AdaptBatcher
 from server.body_limit import BodyLimit
 from server.engine import Engine, LoRAFolders, VllmEngine
@@ -87,11 +87,15 @@ def create_app(
             "no API keys configured: single-tenant development mode, every caller sees every "
             "adapter (set GENADAPTER_API_KEYS or --api-keys-file)"
         )
-    app.state.limits = TenantLimits(settings.tenant_adapts, settings.tenant_requests_per_minute)
+    app.state.limits = TenantLimits(settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     for module in (adapters, generate, openai, health):
         app.include_router(module.router)
+    if api_keys.enabled and not settings.public_docs:
+        docs = (app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+        paths = {p for p in docs if p} | {app.url_path_for("metrics")}
+        app.add_middleware(KeyRequired, keys=api_keys, paths=paths)
     return app
 
 

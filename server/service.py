@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from functools import partial
 from typing import NoReturn
 
 from generator.maker import AdapterMaker, MadeAdapter, ServedModel
@@ -37,7 +38,7 @@ from server.protocol import (
     now,
 )
 from server.settings import Settings
-from server.store import AdapterStore, Listed, StoredAdapter, digest
+from server.store import AdapterStore, Factory, Listed, StoredAdapter, digest
 
 
 class AdapterService:
@@ -85,19 +86,22 @@ class AdapterService:
         """The adapter of this context (extending `parent` if given) or of adapters composed,
         from cache or made now."""
         start = time.perf_counter()
+        make: Factory
         if request.compose is not None:
             parts = sorted(check_adapter_id(a) for a in request.compose)  # order-independent
             aid = self.generator.composed_id(parts, tenant)
-            info, created = await self.store.get_or_create(
-                aid, lambda: self._compose(aid, parts, tenant)
-            )
+            make = partial(self._compose, aid, parts, tenant)
         else:
             text, ids = await self.context_ids(request)
             parent = None if request.parent is None else check_adapter_id(request.parent)
             aid = self.generator.adapter_id(text, parent, tenant)
-            info, created = await self.store.get_or_create(
-                aid, lambda: self._create(aid, ids, parent, tenant)
-            )
+            make = partial(self._create, aid, ids, parent, tenant)
+
+        async def new() -> StoredAdapter:
+            await self.limits.new_adapter(tenant, self.store)  # a cache hit takes no place
+            return await make()
+
+        info, created = await self.store.get_or_create(aid, new)
         cache = "miss" if created else "hit"
         seconds = time.perf_counter() - start
         metrics.ADAPT_CACHE.labels(cache).inc()

@@ -35,9 +35,15 @@ class Settings(BaseSettings):
     adapt_batch: int = Field(
         8, gt=0, description="contexts the generator reads in one batch (continuous batching)"
     )
+    public_docs: bool = Field(
+        False, description="with keys, /docs, /redoc, /openapi.json and /metrics need none"
+    )
     tenant_adapts: int = Field(4, gt=0, description="adapts of one tenant running at once")
     tenant_requests_per_minute: int = Field(
         0, ge=0, description="requests per minute per tenant (0: no limit)"
+    )
+    tenant_adapters: int = Field(
+        1000, ge=0, description="adapters one tenant may store (0: no limit)"
     )
     redis_url: str | None = Field(None, description="None: in-process store")
     redis_prefix: str = Field(

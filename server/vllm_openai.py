@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
-from pydantic import BaseModel
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from pydantic import BaseModel, ModelWrapValidatorHandler, model_validator
+from vllm.entrypoints.openai.chat_completion import protocol as chat_protocol
+from vllm.entrypoints.openai.completion import protocol as completion_protocol
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+from vllm.exceptions import VLLMClientError
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -39,6 +40,34 @@ __all__ = [
     "OpenAIResult",
     "VllmOpenAI",
 ]
+
+
+class RefusalsInvalid(BaseModel):
+    """vLLM's request classes check a body in validators that run before its fields' types are
+    checked, and refuse it with vLLM's own errors or fail on a field of the wrong type with a
+    TypeError; pydantic takes neither for a validation error (they would pass it as 500s). They
+    are functions of the body alone, so whatever they raise, the body is why: a 422."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refusals_invalid(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        try:
+            return handler(data)
+        except (ValueError, AssertionError):  # what pydantic reports as a validation error
+            raise
+        except Exception as e:
+            what = type(e).__name__
+            message = str(e) if isinstance(e, VLLMClientError) else f"vLLM cannot read it ({what})"
+            raise ValueError(message) from e
+
+
+class ChatCompletionRequest(chat_protocol.ChatCompletionRequest, RefusalsInvalid):
+    """OpenAI's chat completion request, as vLLM's OpenAI server takes it."""
+
+
+class CompletionRequest(completion_protocol.CompletionRequest, RefusalsInvalid):
+    """OpenAI's completion request, as vLLM's OpenAI server takes it."""
+
 
 # What a handler returns: an error, a whole response, or the lines of an event stream.
 OpenAIResult = ErrorResponse | BaseModel | AsyncGenerator[str, None]

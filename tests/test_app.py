@@ -11,14 +11,20 @@ import asyncio
 import contextlib
 import json
 import os
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import pytest
+import schemathesis
 from fastapi import Request
+from hypothesis import strategies as st
 from pydantic import BaseModel
+from schemathesis import Case, GenerationMode
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo
 
 from genadapter.cli import build_parser, settings_overrides
@@ -483,6 +489,8 @@ async def test_malformed_json_is_422(app: App) -> None:
             422,
             "invalid adapter id",
         ),
+        ("POST", "/v1/completions", {}, 422, "Either prompt or prompt_embeds must be provided"),
+        ("POST", "/v1/chat/completions", {"messages": False}, 422, "vLLM cannot read it"),
     ],
 )
 async def test_request_errors(
@@ -668,6 +676,51 @@ async def test_openapi_describes_every_route(app: App) -> None:
     assert {"messages", "n", "logprobs", "response_format", "stream_options"} <= set(chat)
 
 
+FUZZ_CASES = 300  # drawn over every operation, inputs valid and not: about half a minute
+FUZZ_TIMEOUT_S = 10  # a request answered later than this counts as a hang
+
+
+def fuzzed_request(case: Case) -> dict[str, Any]:
+    """A case schemathesis drew as httpx's arguments. A JSON body is written by json.dumps, so
+    a lone surrogate arrives escaped, as any client may send it."""
+    args = case.as_transport_kwargs(base_url="http://test")
+    if "json" in args:
+        args["content"] = json.dumps(args.pop("json"))
+    elif "data" in args:
+        args["content"] = args.pop("data")
+    return {k: args[k] for k in ("method", "url", "headers", "params", "content") if k in args}
+
+
+async def test_requests_fuzzed_from_the_openapi_schema_get_no_5xx(app: App) -> None:
+    """Every operation of /openapi.json with inputs schemathesis draws from it, valid and not:
+    none is answered with a 5xx or hangs, and the server is healthy after."""
+    schema = schemathesis.openapi.from_dict((await app.client.get("/openapi.json")).json())
+    modes = [GenerationMode(m) for m in ("positive", "negative")]
+    cases = st.one_of([schema.as_strategy(mode) for mode in modes])
+    statuses: Counter[int] = Counter()
+    loop = asyncio.get_running_loop()
+
+    @hypothesis.settings(
+        max_examples=FUZZ_CASES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(case=cases)
+    def fuzz(case: Case) -> None:  # in a thread: hypothesis drives a function, not a coroutine
+        request = app.client.request(**fuzzed_request(case))
+        r = asyncio.run_coroutine_threadsafe(request, loop).result(FUZZ_TIMEOUT_S)
+        statuses[r.status_code] += 1
+        assert r.status_code < 500, f"{case.as_curl_command()}\n{r.status_code} {r.text}"
+
+    await asyncio.to_thread(fuzz)
+    print(f"fuzzed {statuses.total()} requests; statuses {sorted(statuses.items())}")
+    assert statuses.total() >= FUZZ_CASES / 2 and {200, 422} <= statuses.keys()
+    assert (await app.client.get("/health")).status_code == 200
+    text = (await app.client.get("/metrics")).text
+    assert metric(text, "genadapter_generation_requests_in_flight") == 0  # every one ended
+
+
 # --- API keys and tenants ----------------------------------------------------------------------
 
 
@@ -707,6 +760,28 @@ async def test_each_tenant_sees_only_its_own_adapters(maker: AdapterMaker, tmp_p
         )
         assert r.status_code == 200
         assert (await app.client.get("/health")).status_code == 200  # probes need no key
+
+
+@pytest.mark.parametrize(
+    ("settings", "needs_key"),
+    [
+        ({"api_keys": "alice:key-a"}, True),
+        ({"api_keys": "alice:key-a", "public_docs": True}, False),
+        ({}, False),  # development mode: no keys to ask for
+    ],
+)
+async def test_docs_and_metrics_need_a_key_unless_public(
+    maker: AdapterMaker, tmp_path: Path, settings: dict, needs_key: bool
+) -> None:
+    store = MemoryStore(1 << 30, 3600)
+    async for app in start_app(maker, store, tmp_path, **settings):
+        for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect", "/metrics"):
+            r = await app.client.get(path)
+            if needs_key:
+                assert_error(r, 401, "a valid API key is required")
+                r = await app.client.get(path, headers={"Authorization": "Bearer key-a"})
+            assert r.status_code == 200, (path, r.text)
+        assert (await app.client.get("/health")).status_code == 200  # probes never need one
 
 
 def test_api_keys_from_the_environment_and_a_file(tmp_path: Path) -> None:
@@ -757,6 +832,32 @@ async def test_a_tenant_over_its_adapts_at_once_gets_429(
         release.set()
         assert all(not x["cached"] for x in await asyncio.gather(*running))
         assert (await app.adapt(context="a third"))["cached"] is False  # slots are back
+
+
+async def test_a_tenant_storing_its_limit_of_adapters_gets_429_for_a_new_one(
+    maker: AdapterMaker, tmp_path: Path, generator_runs: list[object]
+) -> None:
+    """Two adapters stored: a third context (or composing them) is refused before the generator
+    runs, a cache hit is not, another tenant is not; after a delete it may adapt again."""
+    store = MemoryStore(1 << 30, 3600)
+    keys = "alice:key-a,bob:key-b"
+    async for app in start_app(maker, store, tmp_path, api_keys=keys, tenant_adapters=2):
+        alice, bob = ({"Authorization": f"Bearer key-{t}"} for t in "ab")
+        adapt = partial(app.client.post, "/v1/adapt")
+        made = [await adapt(json={"context": f"text {i}"}, headers=alice) for i in range(2)]
+        ids = [r.json()["adapter_id"] for r in made]
+        runs = len(generator_runs)
+        for body in ({"context": "a third"}, {"compose": ids}):
+            r = await adapt(json=body, headers=alice)
+            assert_error(r, 429, "you store 2 adapters, the limit is 2")
+            retry = int(r.headers["Retry-After"])  # when the oldest can lapse, unused
+            assert app.settings.adapter_ttl_s - 5 <= retry <= app.settings.adapter_ttl_s
+        assert len(generator_runs) == runs  # refused before the generator ran
+        assert (await adapt(json={"context": "text 0"}, headers=alice)).json()["cached"] is True
+        assert (await adapt(json={"context": "a third"}, headers=bob)).status_code == 200
+        await app.client.delete(f"/v1/adapters/{ids[0]}", headers=alice)
+        again = await adapt(json={"context": "a third"}, headers=alice)
+        assert again.json()["cached"] is False
 
 
 def test_folders_of_processes_that_are_gone_are_removed(tmp_path: Path) -> None:

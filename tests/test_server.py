@@ -249,6 +249,27 @@ def test_guidellm_run_completes_every_request(server: Server, smollm2: BaseModel
     assert state["successful_requests"] == state["processed_requests"] >= 3
 
 
+def test_load_from_another_process_runs_each_context_once_and_crosses_nothing(
+    server: Server,
+) -> None:
+    """tests/load.py in a process of its own: 16 adapts of one new context at once run the
+    generator once; then 40 s of adapts and greedy questions, 8 at once, to 5 adapters (more
+    than the engine's 4 LoRA slots) and the base model through both routes: no error, and every
+    answer its model's answer alone (before vLLM's CPU LoRA ops were fixed, base-model answers
+    batched with adapters' crossed: see server/vllm_cpu_lora.py)."""
+    root = Path(__file__).parent.parent
+    cmd = [sys.executable, "-m", "tests.load", server.url, "--seconds", "40"]
+    run = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, check=True)
+    summary = json.loads(run.stdout.splitlines()[-1])
+    print(json.dumps(summary, indent=1))
+    flight, load = summary["single_flight"], summary["mixed"]
+    assert flight == {"requests": 16, "adapter_ids": 1, "not_cached": 1, "generator_runs": 1}
+    assert load["models"] == 6 and load["distinct_answers"] >= 5  # so a crossed one shows
+    assert load["errors"] == load["crossed"] == load["changed_alone"] == 0, load
+    assert load["requests"] >= load["concurrency"]  # few on a busy machine (31 at load 13)
+    assert {"generate", "chat"} <= load["by_route"].keys()
+
+
 def test_extend_with_parent(server: Server) -> None:
     parent = server.client.adapt(context=CONTEXT)
     more = "Velloran has a glass lighthouse."

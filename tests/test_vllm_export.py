@@ -14,6 +14,7 @@ from genadapter.cli import main
 from generator.base_model import BaseModel
 from generator.pipeline import save_generator
 from server.settings import Settings
+from server.vllm_cpu_lora import skip_base_rows_in_cpu_lora_ops
 from server.vllm_env import apply_vllm_env
 from tests.conftest import random_generator
 
@@ -84,3 +85,26 @@ def test_cli_adapter_is_served_by_vllm_like_peft(smollm2: BaseModel, tmp_path: P
     served_ids = [list(o.outputs[0].token_ids) for o in served]
     assert served_ids != [list(o.outputs[0].token_ids) for o in base]  # the adapter matters
     assert served_ids == peft_greedy(smollm2, adapter, prompts, 20)
+
+
+def test_base_rows_in_a_batch_with_adapters_get_no_adapter_on_a_cpu() -> None:
+    """vLLM's CPU LoRA ops read a base-model row's index, -1, as the last adapter slot; fixed,
+    such a row gets no delta, and each adapter row its own, decoding and prefilling."""
+    skip_base_rows_in_cpu_lora_ops()
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    torch.manual_seed(0)
+    x, rows = torch.randn(3, 8), torch.tensor([-1, 0, 1])  # base, slot 0, slot 1 (the last)
+    a, b = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 8, 4)  # two slots of rank 4
+    by_hand = [torch.zeros(8)] + [b[s, 0] @ (a[s, 0] @ x[s + 1]) for s in (0, 1)]
+    shrunk, prefilled = torch.zeros(3, 4), torch.zeros(3, 4)
+    punica_cpu.bgmv_shrink(x, a, shrunk, rows, 1.0)
+    ones = torch.ones(3)  # one token per request
+    lora_ops.sgmv_shrink(x, a, prefilled, ones.cumsum(0) - 1, ones.long(), rows, 3, 1, 3, 1.0)
+    torch.testing.assert_close(prefilled, shrunk)
+    out, sliced = torch.ones(3, 8), torch.ones(3, 16)
+    punica_cpu.bgmv_expand(shrunk, b, out, rows, True)
+    punica_cpu.bgmv_expand_slice(shrunk, b, sliced, rows, 8, 8, True)
+    torch.testing.assert_close(out - 1, torch.stack(by_hand))
+    torch.testing.assert_close(sliced[:, 8:], out)
