@@ -340,7 +340,7 @@ def plot(result: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), width_ratios=(2.2, 1, 1))
     pairs = [
         (f"adapt vs prefill\n{r['tokens']} tokens", r["prefill_s"], r["adapt_s"])
         for r in result["prefill_vs_adapt"]
@@ -359,7 +359,7 @@ def plot(result: dict, png: Path) -> None:
     ax.bar([i + 0.2 for i in x], [p[2] for p in pairs], 0.4, label="adapter path")
     for i, (_, base, ours) in enumerate(pairs):
         ax.annotate(f"{ours / base:.2f}x", (i + 0.2, ours), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), [p[0] for p in pairs], fontsize=7)
+    ax.set_xticks(list(x), [p[0] for p in pairs], fontsize=8, rotation=25, ha="right")
     ax.set_ylabel("seconds (wall)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
