@@ -77,11 +77,17 @@ def resolve_model_dir(spec: str | Path | None = None) -> tuple[str, Path]:
     )
 
 
+def converted_dir(gguf: Path, name: str) -> Path:
+    """Where `gguf` is converted to: one folder per path, size and modification time. The time in
+    whole seconds: an image's layers keep no more, so a container finds what its build made."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return cache_root() / "models" / f"{name}-{key.hexdigest()[:12]}"
+
+
 def convert_gguf(gguf: Path, name: str) -> Path:
     """Dequantize a GGUF file into a safetensors folder under the cache, once per file content."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    out = cache_root() / "models" / f"{name}-{key[:12]}"
+    out = converted_dir(gguf, name)
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to safetensors in %s (once; about a minute)", gguf, out)

@@ -291,4 +291,5 @@ class VllmEngine:
             raise EngineUnavailable(f"engine unavailable: {e}") from e
 
     def shutdown(self) -> None:
+        self._watch.cancel()  # an engine shut down on purpose is not one that died
         self.llm.shutdown()

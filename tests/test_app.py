@@ -32,8 +32,17 @@ from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, peft_bytes
 from generator.maker import AdapterMaker, MadeAdapter, Reading, ServedModel, load_served_model
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator, state_from_bytes
+from server import engine as engine_module
 from server.auth import ApiKeys
-from server.engine import Delta, LoRA, LoRAFolders, SamplingOptions, engine_args
+from server.engine import (
+    ENGINE_DIED,
+    Delta,
+    LoRA,
+    LoRAFolders,
+    SamplingOptions,
+    VllmEngine,
+    engine_args,
+)
 from server.errors import EngineUnavailable
 from server.launch import free_port
 from server.main import create_app, serve
@@ -968,3 +977,32 @@ def test_engine_args_carry_tensor_and_pipeline_parallelism(maker: AdapterMaker) 
     assert (args.max_lora_rank, args.lora_target_modules) == (8, maker.target_modules)
     default = engine_args(Settings(), maker)
     assert (default.tensor_parallel_size, default.pipeline_parallel_size) == (1, 1)
+
+
+async def test_an_engine_shut_down_on_purpose_is_not_taken_for_one_that_died(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM shuts the engine down, after which vLLM reports it errored: the server must exit as
+    stopped, not with the status that asks its supervisor for a restart (a container's PID 1 did,
+    as uvicorn's re-raised SIGTERM does not end it). An engine that died still exits so."""
+
+    class FakeLLM:
+        errored = False
+
+        def shutdown(self) -> None:
+            self.errored = True
+
+    exits: list[int] = []
+    monkeypatch.setattr(engine_module, "ENGINE_WATCH_S", 0.01)
+    monkeypatch.setattr(engine_module.os, "_exit", exits.append)
+    for on_purpose in (True, False):
+        engine = object.__new__(VllmEngine)  # the watch alone: no vLLM
+        engine.llm = FakeLLM()  # type: ignore[assignment]
+        engine._watch = asyncio.create_task(engine._exit_if_dead())  # as start() does
+        await asyncio.sleep(0.05)
+        if on_purpose:
+            engine.shutdown()
+        else:
+            engine.llm.errored = True  # type: ignore[misc]
+        await asyncio.sleep(0.05)
+        assert exits == ([] if on_purpose else [ENGINE_DIED])

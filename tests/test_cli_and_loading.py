@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,13 @@ from safetensors.torch import load_file
 
 from genadapter.cli import build_parser, main, train_config
 from generator import base_model
-from generator.base_model import BaseModel, BaseModelError, convert_gguf, default_gguf
+from generator.base_model import (
+    BaseModel,
+    BaseModelError,
+    convert_gguf,
+    converted_dir,
+    default_gguf,
+)
 from generator.lora import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from generator.training.train import TrainConfig
 
@@ -48,6 +55,19 @@ def test_gguf_converted_by_another_process_first_is_used(
     folder = convert_gguf(default_gguf(), "SmolLM2-135M-Instruct")
     assert (folder / "config.json").read_text() == "{}"  # the winner's folder, untouched
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
+
+
+def test_conversion_folder_keys_on_whole_seconds(tmp_path: Path) -> None:
+    """An image's layers keep modification times in whole seconds: a container looks for the
+    folder its build converted into; a file changed a second later is converted again."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    os.utime(gguf, ns=(0, 1_700_000_000_123_456_789))  # as the build's pip wrote it
+    built = converted_dir(gguf, "m")
+    os.utime(gguf, ns=(0, 1_700_000_000_000_000_000))  # as the image's layer restores it
+    assert converted_dir(gguf, "m") == built
+    os.utime(gguf, ns=(0, 1_700_000_001_000_000_000))
+    assert converted_dir(gguf, "m") != built
 
 
 def test_missing_model_names_what_was_tried(tmp_path: Path) -> None:

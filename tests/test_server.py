@@ -510,6 +510,9 @@ def test_sigterm_lets_requests_finish_for_the_grace_period_then_exits(tmp_path: 
     finally:
         stop(proc)
     assert 2.5 <= seconds < 20, f"stopped {seconds:.1f} s after SIGTERM, grace 3 s"
+    # stopped on purpose, not the status of an engine that died (70); uvicorn raises the SIGTERM
+    # it handled again once it has shut down, which ends a process, though not a container's PID 1
+    assert proc.returncode in (0, -signal.SIGTERM)
     assert not (shm / str(proc.pid)).exists()
 
 
