@@ -83,7 +83,7 @@ class Server:
         self.answer_tokens = answer_tokens
         self.base = self.http.get("/v1/models").json()["data"][0]["id"]
         # tokens per PARAGRAPH, to size documents without a tokenizer on the client side
-        self.per_paragraph = self.prefill(PARAGRAPH * 8)[0] / 8
+        self.per_paragraph = self.prefill(PARAGRAPH * 4)[0] / 4
 
     def post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         r = self.http.post(path, json=body)
