@@ -336,7 +336,8 @@ def test_served_adapter_generates_like_peft(
     """The bytes the server stored, loaded by PEFT: greedy tokens equal, up to EOS."""
     aid = server.client.adapt(context=CONTEXT).adapter_id
     stored = redis.Redis.from_url(REDIS_URL)
-    weights, config = (stored.get(f"{server.prefix}:adapter:{aid}:{p}") for p in ("peft", "config"))
+    keys = (f"{server.prefix}:adapter:{{{aid}}}:{p}" for p in ("peft", "config"))  # hash-tagged
+    weights, config = (stored.get(k) for k in keys)
     assert isinstance(weights, bytes) and isinstance(config, bytes)  # responses not decoded
     folder = write_peft_folder(tmp_path / "adapter", weights, config.decode())
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 16
