@@ -20,9 +20,12 @@ def no_lora_for_base_rows(op: LoRAOp) -> LoRAOp:
     open). An adapter's delta is linear in its input: zero rows in, zero delta out.
     """
 
-    def op_(inputs: Any, weights: Any, output: Any, indices: Any, *options: Any) -> None:
+    @functools.wraps(op)
+    def op_(
+        inputs: Any, weights: Any, output: Any, indices: Any, *options: Any, **named: Any
+    ) -> None:
         base = (indices < 0).unsqueeze(-1)
-        op(inputs.masked_fill(base, 0), weights, output, indices.clamp(min=0), *options)
+        op(inputs.masked_fill(base, 0), weights, output, indices.clamp(min=0), *options, **named)
 
     return op_
 

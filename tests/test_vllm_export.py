@@ -108,3 +108,6 @@ def test_base_rows_in_a_batch_with_adapters_get_no_adapter_on_a_cpu() -> None:
     punica_cpu.bgmv_expand_slice(shrunk, b, sliced, rows, 8, 8, True)
     torch.testing.assert_close(out - 1, torch.stack(by_hand))
     torch.testing.assert_close(sliced[:, 8:], out)
+    by_name = torch.ones(3, 8)
+    punica_cpu.bgmv_expand(shrunk, b, by_name, rows, add_inputs=True)  # as the logits layer calls
+    torch.testing.assert_close(by_name, out)
