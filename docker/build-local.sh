@@ -96,6 +96,34 @@ build() {
     echo "built $IMAGE in $(($(date +%s) - start)) s, $size bytes"
 }
 
+healthy() {  # $1: container; its HEALTHCHECK, run by hand: podman runs it on a timer only under
+    # systemd, which this VM lacks
+    until $PODMAN healthcheck run "$1" >/dev/null 2>&1; do
+        if [ "$($PODMAN inspect --format '{{.State.Running}}' "$1")" != true ]; then
+            $PODMAN logs "$1" 2>&1 | tail -30
+            echo "$1 exited" >&2
+            exit 1
+        fi
+        if [ $(($(date +%s) - start)) -gt 1200 ]; then echo "$1: not healthy" >&2; exit 1; fi
+        sleep 10
+    done
+}
+
+requests() {  # $1: the server's URL, $2: the key, $3: how many chats; what both runs ask
+    echo "without the key: $(curl -s -o /dev/null -w '%{http_code}' "$1/v1/models")"
+    auth="authorization: Bearer $2"
+    adapt=$(curl -sf "$1/v1/adapt" -H "$auth" -H 'content-type: application/json' -d '{
+        "context": "Zorblat is a small planet orbiting the star Quenmar. Its capital is Velloran."}')
+    echo "adapt: $adapt"
+    id=$(echo "$adapt" | sed 's/.*"adapter_id": *"\([^"]*\)".*/\1/')
+    for i in $(seq "$3"); do
+        echo "chat $i: $(curl -sf "$1/v1/chat/completions" -H "$auth" \
+            -H 'content-type: application/json' -d '{"model": "'"$id"'", "max_tokens": 32,
+            "messages": [{"role": "user", "content": "What is the capital of Zorblat?"}]}' |
+            sed 's/.*"content": *"\([^"]*\)".*/\1/')"
+    done
+}
+
 smoke() {
     key=smoke-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     url=http://127.0.0.1:$PORT
@@ -104,28 +132,10 @@ smoke() {
     $LOW $PODMAN run -d --name "$NAME" $ULIMITS --shm-size=1g -p "127.0.0.1:$PORT:8000" \
         -e GENADAPTER_API_KEYS="smoke:$key" "$IMAGE" >/dev/null
     start=$(date +%s)
-    # the image's own HEALTHCHECK (docker/healthcheck.py), run by hand: podman runs it on a timer
-    # only under systemd
-    until $PODMAN healthcheck run "$NAME" >/dev/null 2>&1; do
-        if [ "$($PODMAN inspect --format '{{.State.Running}}' "$NAME")" != true ]; then
-            $PODMAN logs "$NAME" | tail -30
-            echo "the container exited" >&2
-            exit 1
-        fi
-        if [ $(($(date +%s) - start)) -gt 900 ]; then echo "not healthy in 900 s" >&2; exit 1; fi
-        sleep 10
-    done
+    healthy "$NAME"
     echo "healthy after $(($(date +%s) - start)) s: $(curl -s "$url/health")"
     echo "runs as: $($PODMAN top "$NAME" user,pid,args | head -3)"
-    echo "without the key: $(curl -s -o /dev/null -w '%{http_code}' "$url/v1/models")"
-    auth="authorization: Bearer $key"
-    adapt=$(curl -sf "$url/v1/adapt" -H "$auth" -H 'content-type: application/json' -d '{
-        "context": "Zorblat is a small planet orbiting the star Quenmar. Its capital is Velloran."}')
-    echo "adapt: $adapt"
-    id=$(echo "$adapt" | sed 's/.*"adapter_id": *"\([^"]*\)".*/\1/')
-    echo "chat: $(curl -sf "$url/v1/chat/completions" -H "$auth" \
-        -H 'content-type: application/json' -d '{"model": "'"$id"'", "max_tokens": 32,
-        "messages": [{"role": "user", "content": "What is the capital of Zorblat?"}]}')"
+    requests "$url" "$key" 1
     start=$(date +%s)
     $PODMAN stop -t 40 "$NAME" >/dev/null
     echo "stopped (SIGTERM) in $(($(date +%s) - start)) s, exit status" \
@@ -170,26 +180,11 @@ compose() {  # docker/compose.yaml with podman-compose: two replicas, Redis, ngi
     export GENADAPTER_API_KEYS="smoke:$key"  # compose.yaml requires it for every command
     $LOW $pc up -d
     start=$(date +%s)
-    for s in server-1 server-2; do
-        until $PODMAN healthcheck run "genadapter_${s}_1" >/dev/null 2>&1; do
-            if [ $(($(date +%s) - start)) -gt 1200 ]; then echo "$s: not healthy" >&2; exit 1; fi
-            sleep 10
-        done
-    done
+    healthy genadapter_server-1_1
+    healthy genadapter_server-2_1
     echo "both replicas healthy after $(($(date +%s) - start)) s"
     echo "through nginx: /health $(curl -s "$url/health")"
-    echo "without the key: $(curl -s -o /dev/null -w '%{http_code}' "$url/v1/models")"
-    auth="authorization: Bearer $key"
-    adapt=$(curl -sf "$url/v1/adapt" -H "$auth" -H 'content-type: application/json' -d '{
-        "context": "Zorblat is a small planet orbiting the star Quenmar. Its capital is Velloran."}')
-    echo "adapt: $adapt"
-    id=$(echo "$adapt" | sed 's/.*"adapter_id": *"\([^"]*\)".*/\1/')
-    for i in 1 2 3 4; do
-        echo "chat $i: $(curl -sf "$url/v1/chat/completions" -H "$auth" \
-            -H 'content-type: application/json' -d '{"model": "'"$id"'", "max_tokens": 32,
-            "messages": [{"role": "user", "content": "What is the capital of Zorblat?"}]}' |
-            sed 's/.*"content": *"\([^"]*\)".*/\1/')"
-    done
+    requests "$url" "$key" 4
     for s in server-1 server-2; do  # which replica answered what: its access log
         log=$($PODMAN logs "genadapter_${s}_1" 2>&1)
         echo "$s: $(echo "$log" | grep -c 'POST /v1/adapt .* 200') adapt(s)," \
