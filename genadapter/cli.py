@@ -129,6 +129,14 @@ def report(result: dict, table: str, section: str, args: argparse.Namespace) -> 
     print(table)
 
 
+def report_with_figure(result: dict, bench: Any, args: argparse.Namespace) -> None:
+    """`bench.plot` beside the JSON, then the section, whose Markdown links the figure."""
+    png = args.json.with_suffix(".png")
+    bench.plot(result, png)
+    figure = Path(os.path.relpath(png, args.markdown.parent)).as_posix()
+    report(result, bench.markdown(result, figure), bench.SECTION, args)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from benchmarks import serve
     from server.launch import running_server
@@ -175,10 +183,7 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
         )
     pipeline = load_pipeline(args.base_model, args.generator)
     result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens)
-    png = args.json.with_suffix(".png")
-    scenarios.plot(result, png)
-    figure = Path(os.path.relpath(png, args.markdown.parent)).as_posix()
-    report(result, scenarios.markdown(result, figure), scenarios.SECTION, args)
+    report_with_figure(result, scenarios, args)
 
 
 def cmd_bench_cache(args: argparse.Namespace) -> None:
@@ -188,10 +193,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> None:
     settings = {"tenant_adapts": max(args.clients), **settings_overrides(args)}
     args.log.parent.mkdir(parents=True, exist_ok=True)
     result = cache.run(server_flags(settings), args.redis, args.log, args.clients, args.seconds)
-    png = args.json.with_suffix(".png")
-    cache.plot(result, png)
-    figure = Path(os.path.relpath(png, args.markdown.parent)).as_posix()
-    report(result, cache.markdown(result, figure), cache.SECTION, args)
+    report_with_figure(result, cache, args)
 
 
 def cmd_bench_adapt(args: argparse.Namespace) -> None:
