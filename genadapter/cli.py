@@ -132,6 +132,7 @@ def report(result: dict, table: str, section: str, args: argparse.Namespace) -> 
 def report_with_figure(result: dict, bench: Any, args: argparse.Namespace) -> None:
     """`bench.plot` beside the JSON, then the section, whose Markdown links the figure."""
     png = args.json.with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
     bench.plot(result, png)
     figure = Path(os.path.relpath(png, args.markdown.parent)).as_posix()
     report(result, bench.markdown(result, figure), bench.SECTION, args)
