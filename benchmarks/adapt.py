@@ -36,6 +36,7 @@ def run(pipeline: AdapterPipeline, tokens: tuple[int, ...] = (256, 1024), repeat
     return {
         "base_model": pipeline.base.name,
         "threads": torch.get_num_threads(),
+        "dtype": str(pipeline.base.model.dtype).removeprefix("torch."),
         **environment(),
         "window": pipeline.config.window,
         "rows": rows,
@@ -51,10 +52,12 @@ def markdown(result: dict) -> str:
         [
             "## Adapter generation (`genadapter bench adapt`)",
             "",
-            f"{result['base_model']}, generator window {result['window']} tokens, float32 "
-            f"on {result['machine']} ({result['threads']} torch threads), {result['date']}, "
+            f"{result['base_model']}, generator window {result['window']} tokens, "
+            f"{result['dtype']} on {result['machine']} ({result['threads']} torch threads), "
+            f"{result['date']}, "
             f"1-minute load average {result['load_average_1m_at_start']}; medians of repeated "
-            "runs. The floor is one forward pass of the base model over the same tokens.",
+            "runs. The floor is one forward pass of the base model over the same tokens, in the "
+            "same dtype.",
             "",
             "| context tokens | base forward (floor) | adapt | adapt / floor |",
             "|---|---|---|---|",

@@ -199,9 +199,11 @@ def cmd_bench_cache(args: argparse.Namespace) -> None:
 
 def cmd_bench_adapt(args: argparse.Namespace) -> None:
     from benchmarks import adapt
+    from generator.base_model import reading_dtype
     from generator.pipeline import load_pipeline
 
-    result = adapt.run(load_pipeline(args.base_model, args.generator), tuple(args.tokens))
+    pipeline = load_pipeline(args.base_model, args.generator, reading_dtype(args.dtype))
+    result = adapt.run(pipeline, tuple(args.tokens))
     report(result, adapt.markdown(result), adapt.SECTION, args)
 
 
@@ -342,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="validation questions per QA set, before keeping the answerable ones",
     )
+    p.add_argument(
+        "--train-questions",
+        type=int,
+        help="an overfitting check: QA steps train on only these many questions per set, and "
+        "validation also measures gain recovered on them",
+    )
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--max-minutes", type=float, help="stop resumably after this")
     p.add_argument("--stop-at", type=int, help="stop resumably after this step")
@@ -419,7 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(p, skip=("host", "port", "redis_url", "redis_prefix"))
     p.set_defaults(func=cmd_bench_cache)
     p = bench.add_parser("adapt", help="adapt time next to one base forward pass (the floor)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="context lengths")
+    p.add_argument(
+        "--tokens", type=int, nargs="+", default=[256, 1024, 4096], help="context lengths"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="what the base model reads in (auto: as the server does)",
+    )
     p.add_argument("--json", type=Path, default=Path("benchmarks/adapt.json"))
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     add_model_args(p)

@@ -13,7 +13,14 @@ from typing import cast
 
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from generator.base_model import BaseModelError, cache_root, load_tokenizer, tokenize
+from generator.base_model import (
+    BaseModelError,
+    ReadingDType,
+    cache_root,
+    load_tokenizer,
+    reading_dtype,
+    tokenize,
+)
 from generator.config import GeneratorConfig
 from generator.lora import write_peft_folder
 from generator.pipeline import (
@@ -36,6 +43,7 @@ __all__ = [
     "EmptyContextError",
     "GeneratorError",
     "MadeAdapter",
+    "ReadingDType",
     "Reading",
     "ServedModel",
     "cache_root",
@@ -130,10 +138,13 @@ class AdapterMaker(ServedModel):
 
 
 def load_maker(
-    base_model: str | Path | None = None, generator_dir: Path | None = None
+    base_model: str | Path | None = None,
+    generator_dir: Path | None = None,
+    dtype: ReadingDType = "auto",
 ) -> AdapterMaker:
-    """The base model and a generator (default: the shipped one) behind the narrow interface."""
-    return AdapterMaker(load_pipeline(base_model, generator_dir))
+    """The base model, reading in `dtype`, and a generator (default: the shipped one) behind
+    the narrow interface."""
+    return AdapterMaker(load_pipeline(base_model, generator_dir, reading_dtype(dtype)))
 
 
 def load_served_model(

@@ -44,9 +44,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model: ServedModel | None = maker
-        if model is None:  # role generate: no generator, and vLLM alone loads the weights
-            load = load_served_model if settings.role == "generate" else load_maker
-            model = await asyncio.to_thread(load, settings.base_model, settings.generator)
+        if model is None and settings.role == "generate":  # vLLM alone loads the weights
+            model = await asyncio.to_thread(
+                load_served_model, settings.base_model, settings.generator
+            )
+        elif model is None:
+            model = await asyncio.to_thread(
+                load_maker, settings.base_model, settings.generator, settings.adapt_dtype
+            )
         adapter_store = store or open_store(settings)
         app.state.settings = settings
         batcher = (

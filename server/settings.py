@@ -9,6 +9,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Role = Literal["all", "adapt", "generate"]
+# generator.maker.ReadingDType (not imported: settings load without torch; a test keeps them equal)
+AdaptDType = Literal["auto", "float32", "bfloat16"]
 
 
 class Settings(BaseSettings):
@@ -34,6 +36,11 @@ class Settings(BaseSettings):
     )
     adapt_batch: int = Field(
         8, gt=0, description="contexts the generator reads in one batch (continuous batching)"
+    )
+    adapt_dtype: AdaptDType = Field(
+        "auto",
+        description="dtype the generator reads contexts in; auto: bfloat16 where the CPU has it "
+        "natively, else float32",
     )
     public_docs: bool = Field(
         False, description="with keys, /docs, /redoc, /openapi.json and /metrics need none"

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from generator.base_model import BaseModel
+from generator.base_model import BaseModel, ReadingDType, reading_dtype
 from generator.config import GeneratorConfig
 from generator.lora import PEFT_CONFIG_FILE, applied, write_peft_folder
 from generator.model import AdapterGenerator, LoRAFactors, State, _svd_factors
 from generator.pipeline import (
+    DEFAULT_GENERATOR_DIR,
     AdapterPipeline,
     EmptyContextError,
     GeneratorError,
     load_generator,
+    load_pipeline,
     save_generator,
     state_from_bytes,
 )
+from server.settings import AdaptDType
 from tests.conftest import random_generator
 
 IDS = [(7 * i + 3) % 128 for i in range(48)]  # 3 windows of 16
@@ -211,3 +215,24 @@ def test_smollm2_adapter_matches_peft(smollm2: BaseModel, tmp_path: Path) -> Non
     ours = logits(pipeline, ids, adapter.factors)
     assert (ours - logits(pipeline, ids)).abs().max() > 1e-3
     assert (ours - peft_logits(smollm2, folder, ids)).abs().max() < 1e-4
+
+
+def test_adapt_dtype_setting_offers_what_the_generator_reads_in() -> None:
+    assert get_args(AdaptDType) == get_args(ReadingDType)
+    assert reading_dtype("float32") == torch.float32
+    assert reading_dtype("bfloat16") == torch.bfloat16
+    assert reading_dtype("auto") in (torch.float32, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_smollm2_reads_in_bfloat16_as_in_float32(smollm2: BaseModel) -> None:
+    """The server reads in bfloat16 where the CPU has it: the adapter must be the same one,
+    under its own id."""
+    full = AdapterPipeline(smollm2, load_generator(DEFAULT_GENERATOR_DIR))
+    half = load_pipeline(dtype=torch.bfloat16)
+    text = "Marren Renkapel was born in 1965 in Peldrogan, a town on the river Ost. " * 12
+    a, b = full.adapt(text).factors, half.adapt(text).factors
+    for name in a:
+        delta_a, delta_b = (f[name][1][0] @ f[name][0][0] for f in (a, b))
+        assert torch.cosine_similarity(delta_a.flatten(), delta_b.flatten(), 0) > 0.999, name
+    assert full.fingerprint != half.fingerprint

@@ -47,6 +47,7 @@ def test_train_checkpoints_and_resumes(tiny_base: BaseModel, tmp_path: Path) -> 
         checkpoint_every=2,
         eval_every=5,
         eval_examples=1,
+        train_questions=2,
         teacher_max_tokens=4,
         seed=0,
     )
@@ -56,15 +57,17 @@ def test_train_checkpoints_and_resumes(tiny_base: BaseModel, tmp_path: Path) -> 
 
     final = train(AdapterPipeline(tiny_base, new_generator(tiny_base, window=16)), config)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps, checks = [r for r in rows if r["kind"] != "validation"], rows[5:]
+    steps = [r for r in rows if r["kind"] != "validation"]
+    checks = [r for r in rows if r["kind"] == "validation"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]  # resumed at 3, did not start over
-    assert {r["kind"] for r in rows[:3]} == {"pretrain"}
+    assert {r["kind"] for r in steps[:3]} == {"pretrain"}
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
-    assert "completion" in rows[0] and "reconstruction" in rows[0]
-    # validation ran in the loop at step 5, on both QA sets
-    assert [r["step"] for r in checks] == [5]
+    assert "completion" in steps[0] and "reconstruction" in steps[0]
+    # validation ran where the run started and in the loop at step 5, on both QA sets, and on
+    # the questions trained on (train_questions)
+    assert [r["step"] for r in checks] == [0, 5]
     answerable = {f"{qa}/{p}/answerable" for qa in QA_SETS for p in PHRASINGS}
-    assert {"gain", "other_gain", *answerable} <= set(checks[0])
+    assert {"gain", "other_gain", "train/gain", *answerable} <= set(checks[1])
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
     trained = load_generator(final)
     assert trained.config.window == 16
@@ -82,6 +85,7 @@ def test_updates_above_the_skip_grad_norm_are_skipped(tiny_base: BaseModel, tmp_
         pretrain_steps=2,
         instruct_steps=0,
         skip_grad_norm=0.0,
+        eval_every=0,
     )  # every gradient is "exploding"
     train(pipeline, config)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

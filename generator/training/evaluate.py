@@ -127,15 +127,9 @@ class Evaluator:
         return [r.strip() for r in self.tok.batch_decode(ids, skip_special_tokens=True)]
 
     def qa_rows(self, name: str, split: str = "test", examples: int | None = None) -> list[dict]:
-        """A seeded sample of a QA split (questions whose answer normalizes to nothing dropped)."""
-        rows = [
-            r
-            for r in load_split(self.config.data_dir, name, split)
-            if any(map(normalize, _answers(r)))
-        ]
         counts = self.config.qa_examples
-        n = min(len(rows), examples or counts[QA_SETS.index(name) if len(counts) > 1 else 0])
-        return random.Random(self.config.seed).sample(rows, n)
+        n = examples or counts[QA_SETS.index(name) if len(counts) > 1 else 0]
+        return qa_sample(self.config.data_dir, name, split, n, self.config.seed)
 
     def prompts(self, rows: list[dict], phrasing: str, with_context: bool) -> list[list[int]]:
         return [
@@ -312,6 +306,13 @@ def greedy_ids(
             end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
             replies.append(row[:end])
     return replies
+
+
+def qa_sample(data_dir: Path, name: str, split: str, n: int, seed: int) -> list[dict]:
+    """A seeded sample of n questions of a QA split (those whose answer normalizes to nothing
+    dropped): what evaluation asks, and what an overfitting check trains on."""
+    rows = [r for r in load_split(data_dir, name, split) if any(map(normalize, _answers(r)))]
+    return random.Random(seed).sample(rows, min(len(rows), n))
 
 
 def _answers(row: dict) -> list[str]:

@@ -28,7 +28,7 @@ from generator.lora import applied
 from generator.model import add_states
 from generator.pipeline import AdapterPipeline, save_generator
 from generator.training.data import PRETRAIN_SOURCES, QA_SETS, default_data_dir, load_split
-from generator.training.evaluate import EvalConfig, Evaluator, greedy_ids
+from generator.training.evaluate import EvalConfig, Evaluator, greedy_ids, qa_sample
 from generator.training.tasks import (
     PHRASINGS,
     answer_ids,
@@ -65,6 +65,9 @@ class TrainConfig:
     teacher_max_tokens: int = 24
     eval_every: int = 100  # validation gain recovered every this many steps (0: never)
     eval_examples: int = 64  # validation questions per QA set, before keeping answerable ones
+    # QA steps train on only these many questions per set, and validation also measures gain
+    # recovered on them: an overfitting check (can the generator store answers it was shown?)
+    train_questions: int | None = None
     lr: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.01
@@ -143,6 +146,7 @@ class Objective(nn.Module):
             score = batch.completion and t > 0
             s, logits = pipeline.read_window(ids, attention, factors, logits=score)
             if score:
+                assert logits is not None
                 completion.append(lm_loss(logits, ids.masked_fill(mask == 0, IGNORE)))
             state = add_states(state, s)
             factors = self.generator.lora(state)
@@ -176,7 +180,12 @@ class BatchSampler:
         self.rng = random.Random(config.seed * 1000 + rank)
         tok = pipeline.base.tokenizer
         span = config.window * config.windows
-        self.qa = {name: load_split(config.data_dir, name, "train") for name in QA_SETS}
+        self.qa = {
+            name: load_split(config.data_dir, name, "train")
+            if config.train_questions is None
+            else qa_sample(config.data_dir, name, "train", config.train_questions, config.seed)
+            for name in QA_SETS
+        }
         self.cls = by_task(load_split(config.data_dir, "cls", "train"))
         self.sequences: list[list[int]] = []
         for text in self.pretrain_texts():
@@ -368,6 +377,20 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
                 },
             )
 
+    def log_validation() -> None:
+        if not accelerator.is_main_process:
+            return
+        scores = validate(pipeline, config)
+        metrics.write(json.dumps({"step": step, "kind": "validation", **scores}) + "\n")
+        metrics.flush()
+        line = (
+            f"step {step}: validation gain recovered {scores['gain']:.1f}% "
+            f"(another passage's adapter {scores['other_gain']:.1f}%)"
+        )
+        if "train/gain" in scores:
+            line += f", on the questions trained on {scores['train/gain']:.1f}%"
+        bar.write(line)
+
     started = time.monotonic()
     end = min(config.total_steps, config.stop_at or config.total_steps)
     bar = tqdm(
@@ -377,6 +400,8 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
         disable=not accelerator.is_main_process,
     )
     with (out / "metrics.jsonl").open("a") as metrics:
+        if config.eval_every and step == 0:  # where the run starts from
+            log_validation()
         while step < end:
             t0 = time.monotonic()
             kind, batch = sampler.batch(step)
@@ -408,14 +433,8 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
                 metrics.flush()
             bar.set_postfix(kind=kind, loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
             bar.update()
-            if config.eval_every and step % config.eval_every == 0 and accelerator.is_main_process:
-                scores = validate(pipeline, config)
-                metrics.write(json.dumps({"step": step, "kind": "validation", **scores}) + "\n")
-                metrics.flush()
-                bar.write(
-                    f"step {step}: validation gain recovered {scores['gain']:.1f}% "
-                    f"(another passage's adapter {scores['other_gain']:.1f}%)"
-                )
+            if config.eval_every and step % config.eval_every == 0:
+                log_validation()
             if step % config.checkpoint_every == 0 or step == end:
                 checkpoint()
             if config.max_minutes and time.monotonic() - started > 60 * config.max_minutes:
@@ -433,28 +452,39 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
 def validate(pipeline: AdapterPipeline, config: TrainConfig) -> dict[str, float]:
     """Gain recovered on answerable validation questions of each QA set, every phrasing (what a
     run is for; nanoGPT's estimate_loss), and its mean over them as `gain` (`other_gain`: with
-    another passage's adapter, the control)."""
+    another passage's adapter, the control). With `train_questions`, the same on the questions
+    trained on, under `train/`."""
     generator = pipeline.generator
     was_training = generator.training
     generator.eval()
     evaluator = Evaluator(
         pipeline,
         EvalConfig(
-            out_dir=config.out_dir, data_dir=config.data_dir, qa_examples=(config.eval_examples,)
+            out_dir=config.out_dir,
+            data_dir=config.data_dir,
+            qa_examples=(config.eval_examples,),
+            seed=config.seed,
         ),
     )
     scores: dict[str, float] = {}
-    for name in QA_SETS:
-        result = evaluator.qa(name, split="validation")
-        scores |= {
-            f"{name}/{k}": round(v, 3)
-            for k, v in result.items()
-            if k.endswith(("/gain", "answer_nll", "answerable"))
-        }
+    trained = [n for n, w in zip(QA_SETS, config.instruct_weights, strict=False) if w > 0]
+    splits: list[tuple[str, str, int | None, Sequence[str]]] = [("", "validation", None, QA_SETS)]
+    if config.train_questions is not None:
+        splits.append(("train/", "train", config.train_questions, trained))
+    for prefix, split, examples, names in splits:
+        part: dict[str, float] = {}
+        for name in names:
+            result = evaluator.qa(name, split, examples)
+            part |= {
+                f"{name}/{k}": round(v, 3)
+                for k, v in result.items()
+                if k.endswith(("/gain", "answer_nll", "answerable"))
+            }
+        for key, cond in (("gain", "/adapter/gain"), ("other_gain", "/other_adapter/gain")):
+            values = [v for k, v in part.items() if k.endswith(cond) and not math.isnan(v)]
+            part[key] = sum(values) / len(values) if values else math.nan
+        scores |= {prefix + k: v for k, v in part.items()}
     generator.train(was_training)
-    for key, cond in (("gain", "/adapter/gain"), ("other_gain", "/other_adapter/gain")):
-        values = [v for k, v in scores.items() if k.endswith(cond) and not math.isnan(v)]
-        scores[key] = sum(values) / len(values) if values else math.nan
     return scores
 
 
