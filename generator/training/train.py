@@ -451,9 +451,9 @@ def train(pipeline: AdapterPipeline, config: TrainConfig) -> Path:
 
 def validate(pipeline: AdapterPipeline, config: TrainConfig) -> dict[str, float]:
     """Gain recovered on answerable validation questions of each QA set, every phrasing (what a
-    run is for; nanoGPT's estimate_loss), and its mean over them as `gain` (`other_gain`: with
-    another passage's adapter, the control). With `train_questions`, the same on the questions
-    trained on, under `train/`."""
+    run is for; nanoGPT's estimate_loss), and the mean over the sets of each one's pooled gain
+    as `gain` (`other_gain`: with another passage's adapter, the control). With
+    `train_questions`, the same on the questions trained on, under `train/`."""
     generator = pipeline.generator
     was_training = generator.training
     generator.eval()
@@ -480,7 +480,7 @@ def validate(pipeline: AdapterPipeline, config: TrainConfig) -> dict[str, float]
                 for k, v in result.items()
                 if k.endswith(("/gain", "answer_nll", "answerable"))
             }
-        for key, cond in (("gain", "/adapter/gain"), ("other_gain", "/other_adapter/gain")):
+        for key, cond in (("gain", "/all/adapter/gain"), ("other_gain", "/all/other_adapter/gain")):
             values = [v for k, v in part.items() if k.endswith(cond) and not math.isnan(v)]
             part[key] = sum(values) / len(values) if values else math.nan
         scores |= {prefix + k: v for k, v in part.items()}
