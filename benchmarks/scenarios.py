@@ -320,7 +320,8 @@ def markdown(result: dict, figure: str) -> str:
             f"average {result['load_average_1m_at_start']} at the start); one server "
             f"(max_model_len {cfg['max_model_len']}, KV cache {cfg['kv_cache_gib']} GiB), "
             f"the many-documents scenario on a second one with a {cfg['small_kv_cache_gib']} "
-            f"GiB KV cache; greedy chats of exactly {s['answer_tokens']} tokens "
+            f"GiB KV cache; the generator reads in {result['dtypes']['adapt']}, the engine runs "
+            f"{result['dtypes']['engine']}; greedy chats of exactly {s['answer_tokens']} tokens "
             "(`ignore_eos`); client-side wall time over HTTP; raw numbers in "
             "`benchmarks/scenarios.json`. The goals are issue 15's.",
             "",

@@ -160,9 +160,11 @@ def server_flags(settings: dict[str, Any]) -> list[str]:
 
 def cmd_bench_scenarios(args: argparse.Namespace) -> None:
     from benchmarks import scenarios
+    from generator.base_model import reading_dtype
     from generator.pipeline import load_pipeline
     from server.launch import running_server
     from server.settings import Settings
+    from server.vllm_env import engine_dtype
 
     sizes = scenarios.QUICK if args.quick else scenarios.Sizes()
     max_model_len = args.max_model_len or (512 if args.quick else 4608)
@@ -182,6 +184,11 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
             {**settings, "small_kv_cache_gib": args.small_kv_cache_gib},
             sizes,
         )
+    resolved = Settings(**settings)
+    result["dtypes"] = {
+        "adapt": str(reading_dtype(resolved.adapt_dtype)).removeprefix("torch."),
+        "engine": engine_dtype(resolved.dtype),
+    }
     pipeline = load_pipeline(args.base_model, args.generator)
     result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens)
     report_with_figure(result, scenarios, args)
