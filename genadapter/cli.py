@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from genadapter import client
 
@@ -258,6 +258,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from generator.training.data import PRETRAIN_SOURCES, QA_SETS
+    from server.settings import AdaptDType
 
     parser = argparse.ArgumentParser(
         prog="genadapter",
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16"),
+        choices=get_args(AdaptDType),
         default="auto",
         help="what the base model reads in, next to float32 (auto: as the server does)",
     )
