@@ -7,13 +7,10 @@ from __future__ import annotations
 import torch
 
 from benchmarks.report import PARAGRAPH, environment, median_ms
+from generator.base_model import dtype_name
 from generator.pipeline import AdapterPipeline
 
 SECTION = "bench adapt"
-
-
-def dtype_name(pipeline: AdapterPipeline) -> str:
-    return str(pipeline.base.model.dtype).removeprefix("torch.")
 
 
 @torch.no_grad()
@@ -42,7 +39,7 @@ def run(
             rows.append(
                 {
                     "tokens": n,
-                    "dtype": dtype_name(pipeline),
+                    "dtype": dtype_name(pipeline.base.model.dtype),
                     "forward_ms": forward_ms,
                     "adapt_ms": adapt_ms,
                     "ratio": round(adapt_ms / forward_ms, 2),
@@ -54,7 +51,7 @@ def run(
         "threads": torch.get_num_threads(),
         **environment(),
         "window": pipelines[0].config.window,
-        "reference_dtype": dtype_name(pipelines[0]),
+        "reference_dtype": dtype_name(pipelines[0].base.model.dtype),
         "rows": rows,
     }
 

@@ -160,7 +160,7 @@ def server_flags(settings: dict[str, Any]) -> list[str]:
 
 def cmd_bench_scenarios(args: argparse.Namespace) -> None:
     from benchmarks import scenarios
-    from generator.base_model import reading_dtype
+    from generator.base_model import dtype_name, reading_dtype
     from generator.pipeline import load_pipeline
     from server.launch import running_server
     from server.settings import Settings
@@ -186,7 +186,7 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
         )
     resolved = Settings(**settings)
     result["dtypes"] = {
-        "adapt": str(reading_dtype(resolved.adapt_dtype)).removeprefix("torch."),
+        "adapt": dtype_name(reading_dtype(resolved.adapt_dtype)),
         "engine": engine_dtype(resolved.dtype),
     }
     pipeline = load_pipeline(args.base_model, args.generator)

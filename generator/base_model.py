@@ -148,6 +148,11 @@ def reading_dtype(choice: ReadingDType = "auto") -> torch.dtype:
     return torch.bfloat16 if choice == "bfloat16" else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16: the name a ReadingDType and the reports use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def load_base_model(
     spec: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> BaseModel:
