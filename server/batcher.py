@@ -1,6 +1,16 @@
-"""Continuous batching of generator runs: the contexts being adapted read their next windows
-together, in one forward pass of the base model; a context joins at the next window and leaves
-when it is read, so a short context never waits for a long one to end."""
+"""The generator's own thread: continuous batching of generator runs, and all of its torch work.
+
+The contexts being adapted read their next windows together, in one forward pass of the base
+model; a context joins at the next window and leaves when it is read, so a short context never
+waits for a long one to end.
+
+Every torch call of the generator runs on this one thread, its loading included. libgomp (torch's
+OpenMP) lets a thread team spin between parallel regions only while the threads it manages fit
+the CPUs; one more thread that ever ran a parallel region (a loader or a compose on an executor
+thread) makes every region's workers sleep and wake instead: adapting then took 3x as long on 2
+cores (measured, 1,400 tokens: 1.8 s on the main thread, 6 s on a second thread after loading on
+another).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,8 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from generator.maker import AdapterMaker, MadeAdapter, Reading
@@ -17,10 +29,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Job:
-    ids: list[int]
-    parent_state: bytes | None
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[MadeAdapter]
+    ids: list[int] = field(default_factory=list)
+    parent_state: bytes | None = None
+    work: Callable[[AdapterMaker], MadeAdapter] | None = None  # not a reading: run it at once
+    future: asyncio.Future[MadeAdapter] = field(init=False)  # on the caller's loop
     reading: Reading | None = field(default=None, repr=False)
 
     def settle(self, result: MadeAdapter | BaseException) -> None:
@@ -34,25 +46,43 @@ class _Job:
             else:
                 self.future.set_result(result)
 
-        self.loop.call_soon_threadsafe(set_it)
+        self.future.get_loop().call_soon_threadsafe(set_it)
 
 
 class AdaptBatcher:
-    """One thread runs the generator for every adapt of the server, up to `max_batch`
-    contexts at a time; callers await their own adapter."""
+    """One thread loads the generator (`load`) and runs it for every adapt of the server, up to
+    `max_batch` contexts at a time; callers await their own adapter."""
 
-    def __init__(self, maker: AdapterMaker, max_batch: int) -> None:
-        self.maker = maker
+    def __init__(self, load: Callable[[], AdapterMaker], max_batch: int) -> None:
         self._max_batch = max_batch
+        self._loaded: Future[AdapterMaker] = Future()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="adapt-batcher", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(load,), name="adapt-batcher", daemon=True
+        )
         self._thread.start()
+
+    async def loaded(self) -> AdapterMaker:
+        """The generator, once its thread has loaded it (raises what loading raised)."""
+        return await asyncio.wrap_future(self._loaded)
+
+    @property
+    def maker(self) -> AdapterMaker:
+        """The loaded generator; only after `loaded` has returned."""
+        return self._loaded.result(timeout=0)
 
     async def make(self, ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
         """The adapter of `ids` (continuing `parent_state`); cancelling the call drops its
         context from the batch at the next window."""
-        loop = asyncio.get_running_loop()
-        job = _Job(ids, parent_state, loop, loop.create_future())
+        return await self._submit(_Job(ids, parent_state))
+
+    async def compose(self, states: list[bytes]) -> MadeAdapter:
+        """AdapterMaker.compose, between two windows of the adapts in flight."""
+        return await self._submit(_Job(work=lambda maker: maker.compose(states)))
+
+    async def _submit(self, job: _Job) -> MadeAdapter:
+        await self.loaded()
+        job.future = asyncio.get_running_loop().create_future()
         self._queue.put(job)
         return await job.future
 
@@ -61,7 +91,13 @@ class AdaptBatcher:
         self._queue.put(None)
         self._thread.join()
 
-    def _run(self) -> None:
+    def _run(self, load: Callable[[], AdapterMaker]) -> None:
+        try:
+            maker = load()
+        except BaseException as e:  # noqa: BLE001 (the server's startup raises it)
+            self._loaded.set_exception(e)
+            return
+        self._loaded.set_result(maker)
         active: list[_Job] = []
         while True:
             arrived = [] if active else [self._queue.get()]  # idle: wait for work
@@ -73,19 +109,22 @@ class AdaptBatcher:
                         j.settle(RuntimeError("the server is shutting down"))
                     return
                 try:
-                    job.reading = self.maker.start(job.ids, job.parent_state)
-                    active.append(job)
+                    if job.work is not None:
+                        job.settle(job.work(maker))
+                    else:
+                        job.reading = maker.start(job.ids, job.parent_state)
+                        active.append(job)
                 except Exception as e:  # noqa: BLE001 (the caller's error to raise)
                     job.settle(e)
             active = [j for j in active if not j.future.cancelled()]  # callers gone
             if active:
-                active = self._step(active)
+                active = self._step(maker, active)
 
-    def _step(self, active: list[_Job]) -> list[_Job]:
+    def _step(self, maker: AdapterMaker, active: list[_Job]) -> list[_Job]:
         """Read one window of every active context; settle those done; the rest go on."""
         readings = [j.reading for j in active if j.reading is not None]
         try:
-            self.maker.read_next(readings)
+            maker.read_next(readings)
         except Exception as e:  # noqa: BLE001 (each caller gets the error; the thread lives on)
             log.exception("generator failed on a batch of %d contexts", len(active))
             for j in active:
@@ -98,7 +137,7 @@ class AdaptBatcher:
                 going.append(j)
                 continue
             try:
-                j.settle(self.maker.finish(j.reading))
+                j.settle(maker.finish(j.reading))
             except Exception as e:  # noqa: BLE001 (the caller's error to raise)
                 j.settle(e)
         return going

@@ -41,22 +41,22 @@ def create_app(
     """The server app; what is not given is built from `settings` when the app starts."""
     settings = settings or Settings()
 
+    def load_generator() -> AdapterMaker:
+        return maker or load_maker(settings.base_model, settings.generator, settings.adapt_dtype)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model: ServedModel | None = maker
-        if model is None and settings.role == "generate":  # vLLM alone loads the weights
+        model: ServedModel
+        batcher = None
+        if settings.role == "generate" and maker is None:  # vLLM alone loads the weights
             model = await asyncio.to_thread(
                 load_served_model, settings.base_model, settings.generator
             )
-        elif model is None:
-            model = await asyncio.to_thread(
-                load_maker, settings.base_model, settings.generator, settings.adapt_dtype
-            )
+        else:  # the generator's thread loads it (server.batcher says why)
+            batcher = AdaptBatcher(load_generator, settings.adapt_batch)
+            model = await batcher.loaded()
         adapter_store = store or open_store(settings)
         app.state.settings = settings
-        batcher = (
-            AdaptBatcher(model, settings.adapt_batch) if isinstance(model, AdapterMaker) else None
-        )
         app.state.adapters = AdapterService(
             model, adapter_store, settings, app.state.limits, batcher
         )

@@ -151,7 +151,7 @@ class AdapterService:
         """The sum of the adapters' raw states, as if their contexts were windows of one: no
         text is read, so no generator slot is taken."""
         parts = [await self._extendable(p, "compose", tenant) for p in part_ids]
-        adapter = await asyncio.to_thread(self.generator.compose, [p.adapter.state for p in parts])
+        adapter = await self.batcher.compose([p.adapter.state for p in parts])
         return StoredAdapter(self._info(aid, adapter, tenant, composed=part_ids), adapter)
 
     async def _extendable(self, aid: str, param: str, tenant: str) -> StoredAdapter:

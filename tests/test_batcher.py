@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ async def test_contexts_adapted_at_once_share_batches_and_equal_alone(
 ) -> None:
     contexts = [maker.tokenize(f"Context {i}. " + "Velloran. " * (3 * i)) for i in range(5)]
     parent = maker.make(maker.tokenize("A parent context to continue."))
-    batcher = AdaptBatcher(maker, max_batch=8)
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
     try:
         made = await asyncio.gather(
             *(batcher.make(ids) for ids in contexts), batcher.make(contexts[2], parent.state)
@@ -60,7 +61,7 @@ async def test_contexts_adapted_at_once_share_batches_and_equal_alone(
 
 
 async def test_a_short_context_does_not_wait_for_a_long_one(maker: AdapterMaker) -> None:
-    batcher = AdaptBatcher(maker, max_batch=8)
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
     try:
         long = asyncio.create_task(batcher.make(maker.tokenize("A long one. " * 400)))
         await asyncio.sleep(0.05)  # the long context is being read
@@ -75,7 +76,7 @@ async def test_a_cancelled_adapt_leaves_the_batch(
     maker: AdapterMaker, batches: list[int], tiny_pipeline: AdapterPipeline
 ) -> None:
     ids = maker.tokenize("Abandoned. " * 400)  # hundreds of windows
-    batcher = AdaptBatcher(maker, max_batch=8)
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
     try:
         abandoned = asyncio.create_task(batcher.make(ids))
         await asyncio.sleep(0.05)
@@ -99,10 +100,48 @@ async def test_a_failing_batch_fails_its_callers_and_the_next_adapt_works(
         real(readings)
 
     monkeypatch.setattr(maker, "read_next", failing_once)
-    batcher = AdaptBatcher(maker, max_batch=8)
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
     try:
         with pytest.raises(RuntimeError, match="out of memory"):
             await batcher.make(maker.tokenize("Fails."))
         assert (await batcher.make(maker.tokenize("Works."))).tokens > 0
     finally:
         batcher.close()
+
+
+async def test_loading_and_composing_run_on_the_generator_thread(
+    maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All torch work on one thread (server.batcher says why): loading and composing too."""
+    threads: list[str] = []
+    real = maker.compose
+
+    def load() -> AdapterMaker:
+        threads.append(threading.current_thread().name)
+        return maker
+
+    def composing(states: list[bytes]) -> MadeAdapter:
+        threads.append(threading.current_thread().name)
+        return real(states)
+
+    monkeypatch.setattr(maker, "compose", composing)
+    batcher = AdaptBatcher(load, max_batch=8)
+    try:
+        parts = [await batcher.make(maker.tokenize(t)) for t in ("First.", "Second.")]
+        composed = await batcher.compose([p.state for p in parts])
+    finally:
+        batcher.close()
+    assert threads == ["adapt-batcher", "adapt-batcher"]
+    assert composed.tokens == sum(p.tokens for p in parts)
+
+
+async def test_a_failing_load_fails_startup_and_adapts() -> None:
+    def load() -> AdapterMaker:
+        raise RuntimeError("no generator here")
+
+    batcher = AdaptBatcher(load, max_batch=8)
+    with pytest.raises(RuntimeError, match="no generator here"):
+        await batcher.loaded()
+    with pytest.raises(RuntimeError, match="no generator here"):
+        await batcher.make([1, 2, 3])
+    batcher.close()
