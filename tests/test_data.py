@@ -2,11 +2,13 @@
 
 import io
 import json
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from genadapter import cli
 from generator.training import data
 
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
@@ -283,6 +285,32 @@ def test_download_reuses_kept_archive(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(data.subprocess, "run", no_pip)
     assert data.download_archive(tmp_path) == kept
+
+
+def test_a_release_the_index_lacks_says_how_to_supply_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pip finds no bigbench 1.0.0 (an index listing only 0.0.1, seen): one line that names
+    the way round it, not a traceback, and nothing left in the data folder."""
+
+    def pip(cmd: list[str], check: bool) -> None:
+        if cmd[-1] == data.PIP:  # the pinned pip wheel itself downloads
+            (Path(cmd[cmd.index("-d") + 1]) / "pip-25.3-py3-none-any.whl").mkdir()
+            return
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(data.subprocess, "run", pip)
+    assert cli.main(["data", "--data-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "bigbench==1.0.0" in err and "--bigbench-archive" in err
+    assert not (tmp_path / "out" / data.MANIFEST).exists()
+
+
+def test_data_from_local_archives(archive: Path, brown: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--bigbench-archive", str(archive), "--brown-archive", str(brown)]
+    assert cli.main(["data", "--data-dir", str(out), *args]) == 0
+    assert json.loads((out / data.MANIFEST).read_text())["archive"] == archive.name
 
 
 def test_load_split_missing_says_how_to_fix(tmp_path: Path) -> None:

@@ -53,6 +53,11 @@ BIGBENCH_LICENSE = (
     "and ships no LICENSE file or task READMEs)"
 )
 
+
+class DataUnavailableError(OSError):
+    """A corpus could not be fetched from its registry; the message says how to supply it."""
+
+
 # One output row: (output name, split key, row).
 Row = tuple[str, str, dict]
 
@@ -330,7 +335,14 @@ def download_archive(downloads: Path) -> Path:
         pip_wheel = next(Path(tmp).glob("pip-*.whl"))  # a pip wheel runs as `python <wheel>/pip`
         log.info("downloading %s (about 358 MB) with %s", PACKAGE, PIP)
         bigbench_cmd = [sys.executable, str(pip_wheel / "pip"), *download, "--no-binary", ":all:"]
-        subprocess.run([*bigbench_cmd, PACKAGE], check=True)
+        try:
+            subprocess.run([*bigbench_cmd, PACKAGE], check=True)
+        except subprocess.CalledProcessError as e:
+            raise DataUnavailableError(
+                f"could not download {PACKAGE} from the package index (pip exited "
+                f"{e.returncode}; its output is above). An index may list the project without "
+                f"this release's file: give a copy of {ARCHIVE_NAME} with --bigbench-archive"
+            ) from e
         os.replace(Path(tmp) / ARCHIVE_NAME, target)
     return target
 
