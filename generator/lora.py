@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 
-import torch
 from safetensors.torch import save
 from torch import Tensor, nn
 
@@ -44,11 +43,8 @@ class LoRALinear(nn.Module):
         factors = _FACTORS.get()
         if factors is None:
             return y
-        a, b = factors[self.name]  # A (b, r, d_in), B (b, d_out, r)
-        a, b = a.to(x.dtype), b.to(x.dtype)
-        if a.dim() == 2:  # one adapter for the whole batch
-            return y + (x @ a.T) @ b.T
-        return y + torch.einsum("bnr,bor->bno", torch.einsum("bnd,brd->bnr", x, a), b)
+        a, b = factors[self.name]  # A (b, r, d_in), B (b, d_out, r), or one of each unbatched
+        return y + (x @ a.to(x.dtype).mT) @ b.to(x.dtype).mT
 
 
 def attach_lora_layers(model: nn.Module, names: list[str]) -> None:

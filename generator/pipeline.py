@@ -184,7 +184,9 @@ class AdapterPipeline:
         call (a third of a window's time, measured)."""
         model = self.base.model if logits else self.base.model.get_decoder()
         with applied(factors):
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            out = model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False
+            )
         # hidden_states[l] is the input of decoder layer l; the last entry is the final norm.
         return self.generator.state(out.hidden_states[:-1], mask), out.logits if logits else None
 
