@@ -112,6 +112,8 @@ def markdown(result: dict) -> str:
             f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
             f"| {g['tokens_per_s']} tokens/s ({g['tokens_per_s'] / base:.2f}x the base) |"
         )
+    d = result.get("dtypes")  # absent for a server the benchmark did not start (--url)
+    dtypes = f"the engine runs {d['engine']}, the generator reads in {d['adapt']}; " if d else ""
     return "\n".join(
         [
             "## Server (`genadapter bench serve`)",
@@ -119,7 +121,7 @@ def markdown(result: dict) -> str:
             f"{result['base_model']} on {result['machine']}, {result['date']} (1-minute load "
             f"average {result['load_average_1m_at_start']} at the start: other jobs share the "
             "CPUs); "
-            "client-side wall time over HTTP; raw numbers in `benchmarks/serve.json`.",
+            f"{dtypes}client-side wall time over HTTP; raw numbers in `benchmarks/serve.json`.",
             "",
             "| measurement | result |",
             "|---|---|",

@@ -147,9 +147,24 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         result = serve.run(args.url, args.requests, args.max_tokens)
     else:
         args.log.parent.mkdir(parents=True, exist_ok=True)
-        with running_server(server_flags(settings_overrides(args)), args.log) as url:
+        settings = settings_overrides(args)
+        with running_server(server_flags(settings), args.log) as url:
             result = serve.run(url, args.requests, args.max_tokens)
+        result["dtypes"] = served_dtypes(settings)
     report(result, serve.markdown(result), serve.SECTION, args)
+
+
+def served_dtypes(settings: dict[str, Any]) -> dict[str, str]:
+    """What a server of these settings reads contexts and generates in (benchmark headers)."""
+    from generator.base_model import dtype_name, reading_dtype
+    from server.settings import Settings
+    from server.vllm_env import engine_dtype
+
+    resolved = Settings(**settings)
+    return {
+        "adapt": dtype_name(reading_dtype(resolved.adapt_dtype)),
+        "engine": engine_dtype(resolved.dtype),
+    }
 
 
 def server_flags(settings: dict[str, Any]) -> list[str]:
@@ -161,11 +176,9 @@ def server_flags(settings: dict[str, Any]) -> list[str]:
 
 def cmd_bench_scenarios(args: argparse.Namespace) -> None:
     from benchmarks import scenarios
-    from generator.base_model import dtype_name, reading_dtype
     from generator.pipeline import load_pipeline
     from server.launch import running_server
     from server.settings import Settings
-    from server.vllm_env import engine_dtype
 
     sizes = scenarios.QUICK if args.quick else scenarios.Sizes()
     max_model_len = args.max_model_len or (512 if args.quick else 4608)
@@ -185,11 +198,7 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
             {**settings, "small_kv_cache_gib": args.small_kv_cache_gib},
             sizes,
         )
-    resolved = Settings(**settings)
-    result["dtypes"] = {
-        "adapt": dtype_name(reading_dtype(resolved.adapt_dtype)),
-        "engine": engine_dtype(resolved.dtype),
-    }
+    result["dtypes"] = served_dtypes(settings)
     pipeline = load_pipeline(args.base_model, args.generator)
     result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens)
     report_with_figure(result, scenarios, args)

@@ -137,14 +137,19 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def native_bfloat16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AVX-512 BF16 or AMX); elsewhere an emulated
+    bfloat16 would not beat float32."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def reading_dtype(choice: ReadingDType = "auto") -> torch.dtype:
     """The dtype the base model reads contexts in for the generator. auto: bfloat16 where the
-    CPU computes it natively (AVX-512 BF16 or AMX: a 64-token window read 1.5x faster than in
-    float32, measured), else float32, which an emulated bfloat16 would not beat. The adapters
-    of both agree to a cosine of 0.9999 (measured on a 1,024-token context)."""
+    CPU computes it natively (a 64-token window read 1.5x faster than in float32, measured),
+    else float32. The adapters of both agree to a cosine of 0.9999 (measured on a 1,024-token
+    context)."""
     if choice == "auto":
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if native_bfloat16() else torch.float32
     return torch.bfloat16 if choice == "bfloat16" else torch.float32
 
 

@@ -18,6 +18,7 @@ from generator.base_model import (
     ReadingDType,
     cache_root,
     load_tokenizer,
+    native_bfloat16,
     reading_dtype,
     tokenize,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "cache_root",
     "load_maker",
     "load_served_model",
+    "native_bfloat16",
 ]
 
 

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     kv_cache_gib: int = Field(
         2, gt=0, description="vLLM's KV cache on a CPU in whole GiB (a GPU sizes its own)"
     )
-    dtype: str = Field("auto", description="engine dtype; auto: bfloat16 on a GPU, else float32")
+    dtype: str = Field(
+        "auto",
+        description="engine dtype; auto: bfloat16 on a GPU or a CPU with native bfloat16, "
+        "else float32",
+    )
     tensor_parallel_size: int = Field(1, gt=0, description="devices that share each layer")
     pipeline_parallel_size: int = Field(1, gt=0, description="device groups, each some layers")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from generator.maker import cache_root
+from generator.maker import cache_root, native_bfloat16
 
 CPU_DEFAULTS = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # measured faster on a 2-core machine
@@ -24,11 +24,12 @@ EngineDType = Literal["half", "float16", "bfloat16", "float", "float32"]
 
 
 def engine_dtype(dtype: str) -> EngineDType:
-    """`auto`: bfloat16 on a GPU; float32 on a CPU, where bf16 matmuls are slow without the
-    matrix units most CPUs lack. Another name passes if vLLM takes it."""
+    """`auto`: bfloat16 on a GPU and on a CPU that computes it natively (AMX here: prefill 2.5x
+    and decode 1.7x as fast as float32, measured), else float32. Another name passes if vLLM
+    takes it."""
     match dtype:
         case "auto":
-            return "bfloat16" if has_gpu() else "float32"
+            return "bfloat16" if has_gpu() or native_bfloat16() else "float32"
         case "half" | "float16" | "bfloat16" | "float" | "float32":
             return dtype
     raise ValueError(f"Unknown dtype: {dtype!r}")

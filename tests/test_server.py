@@ -70,6 +70,8 @@ def server(smollm2: BaseModel, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "4",
         "--max-model-len",
         "1024",
+        "--dtype",  # PEFT's float32 tokens are compared exactly (the default's run in bench)
+        "float32",
     ]
     with running_server(args, folder / "server.log") as url, GenerativeAdapterClient(url) as c:
         yield Server(url, c, prefix, folder / "generator")

@@ -11,11 +11,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from genadapter.cli import main
-from generator.base_model import BaseModel
+from generator.base_model import BaseModel, native_bfloat16
 from generator.pipeline import save_generator
 from server.settings import Settings
 from server.vllm_cpu_lora import skip_base_rows_in_cpu_lora_ops
-from server.vllm_env import apply_vllm_env
+from server.vllm_env import apply_vllm_env, engine_dtype
 from tests.conftest import random_generator
 
 QUESTIONS = ["What is the capital of Zorblat?", "Tell me about purple oceans."]
@@ -111,3 +111,13 @@ def test_base_rows_in_a_batch_with_adapters_get_no_adapter_on_a_cpu() -> None:
     by_name = torch.ones(3, 8)
     punica_cpu.bgmv_expand(shrunk, b, by_name, rows, add_inputs=True)  # as the logits layer calls
     torch.testing.assert_close(by_name, out)
+
+
+def test_engine_dtype_auto_follows_the_cpu() -> None:
+    """No GPU here: bfloat16 exactly where the CPU computes it natively, as the generator reads;
+    a name vLLM takes passes, another fails before the engine starts."""
+    assert not torch.cuda.is_available()
+    assert engine_dtype("auto") == ("bfloat16" if native_bfloat16() else "float32")
+    assert engine_dtype("float32") == "float32"
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        engine_dtype("float8")
