@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import torch
 
 from benchmarks.report import PARAGRAPH, environment
 from generator.pipeline import AdapterPipeline
@@ -255,13 +256,15 @@ def beyond_max_model_len(server: Server, max_model_len: int, factor: float) -> d
     }
 
 
-def memory(pipeline: AdapterPipeline, lengths: Sequence[int]) -> list[dict]:
+def memory(pipeline: AdapterPipeline, lengths: Sequence[int], engine_dtype: str) -> list[dict]:
     """Goal 3d: bytes of a stored adapter (LoRA weights + the raw state kept to extend it),
     made offline by the same generator, next to the KV cache the engine holds for the same
-    context (2 x layers x KV heads x head size x 4 bytes per token: float32 on a CPU)."""
+    context (2 x layers x KV heads x head size values per token, each of the engine's dtype,
+    which vLLM's KV cache keeps by default)."""
     cfg = pipeline.base.model.config
     head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head * 4
+    value_bytes = getattr(torch, engine_dtype).itemsize  # "bfloat16" -> 2, "float32" -> 4
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head * value_bytes
     ids = pipeline.tokenize(PARAGRAPH * (max(lengths) // 40 + 1))
     rows = []
     for n in lengths:

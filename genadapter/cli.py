@@ -200,7 +200,7 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
         )
     result["dtypes"] = served_dtypes(settings)
     pipeline = load_pipeline(args.base_model, args.generator)
-    result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens)
+    result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens, result["dtypes"]["engine"])
     report_with_figure(result, scenarios, args)
 
 
