@@ -134,6 +134,10 @@ class Engine(Protocol):
         """Stream the new text and token ids of one request (an async generator)."""
         ...
 
+    def busy(self) -> bool:
+        """Requests are in flight (the generator lets them run first); any thread may ask."""
+        ...
+
     async def check_health(self) -> None:
         """Raise EngineUnavailable if it cannot serve."""
 
@@ -283,6 +287,9 @@ class VllmEngine:
             c = out.outputs[0]
             reason = finish_reason(c.finish_reason) if out.finished else None
             yield Delta(c.text, list(c.token_ids), reason)
+
+    def busy(self) -> bool:
+        return self.llm.output_processor.has_unfinished_requests()
 
     async def check_health(self) -> None:
         try:

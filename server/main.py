@@ -69,6 +69,8 @@ def create_app(
                 settings.shm_dir, 2 * settings.max_cpu_loras, on_remove=engine.openai.remove
             )
             app.state.generation = GenerationService(app.state.adapters, engine, folders, settings)
+            if batcher is not None:
+                batcher.yield_to(engine.busy, settings.adapt_yield_s)
         log.info("ready: role %s, base model %r", settings.role, app.state.adapters.base_name)
         try:
             yield

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     adapt_batch: int = Field(
         8, gt=0, description="contexts the generator reads in one batch (continuous batching)"
     )
+    adapt_yield_s: float = Field(
+        1.0,
+        ge=0,
+        description="longest a window of adapting waits for the engine's requests in flight to "
+        "finish first (0: never waits)",
+    )
     adapt_dtype: AdaptDType = Field(
         "auto",
         description="dtype the generator reads contexts in; auto: bfloat16 where the CPU has it "

@@ -115,6 +115,7 @@ class FakeEngine:
         self.healthy = True
         self.loras: list[LoRA | None] = []
         self.openai = FakeOpenAI()
+        self.busy_asked = 0  # times the generator asked before a window
 
     async def start(self) -> None:
         return None
@@ -131,6 +132,10 @@ class FakeEngine:
                 raise RuntimeError("worker died")
             last = i == options.max_tokens - 1
             yield Delta(f"{tag}:{i} ", [i], "length" if last else None)
+
+    def busy(self) -> bool:
+        self.busy_asked += 1
+        return False
 
     async def check_health(self) -> None:
         if not self.healthy:
@@ -232,6 +237,7 @@ async def test_adapt_cache_generate_info_models_delete(app: App) -> None:
     first = await app.adapt(context=CONTEXT)
     aid = first["adapter_id"]
     assert aid.startswith("ga-") and first["cached"] is False and first["tokens"] > 0
+    assert app.engine.busy_asked > 0  # the generator let the engine's requests go first
     again = await app.adapt(context=CONTEXT)
     assert (again["adapter_id"], again["cached"]) == (aid, True)
     alias = (await app.client.post("/adapt", json={"context": CONTEXT})).json()

@@ -145,3 +145,41 @@ async def test_a_failing_load_fails_startup_and_adapts() -> None:
     with pytest.raises(RuntimeError, match="no generator here"):
         await batcher.make([1, 2, 3])
     batcher.close()
+
+
+async def test_windows_wait_for_the_engine_to_finish_its_requests(
+    maker: AdapterMaker, batches: list[int]
+) -> None:
+    engine_busy = threading.Event()
+    engine_busy.set()
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
+    batcher.yield_to(engine_busy.is_set, seconds=60)
+    try:
+        adapt = asyncio.create_task(batcher.make(maker.tokenize("Waits for the engine.")))
+        await asyncio.sleep(0.2)
+        assert not adapt.done() and batches == []  # not one window read while it was busy
+        engine_busy.clear()
+        assert (await asyncio.wait_for(adapt, 30)).tokens > 0
+    finally:
+        batcher.close()
+
+
+async def test_an_engine_that_stays_busy_delays_windows_but_never_stops_them(
+    maker: AdapterMaker, batches: list[int], tiny_pipeline: AdapterPipeline
+) -> None:
+    polls = []
+
+    def always_busy() -> bool:
+        polls.append(len(batches))
+        return True
+
+    ids = maker.tokenize("Never idle. " * 20)
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
+    batcher.yield_to(always_busy, seconds=0.02)
+    try:
+        assert (await asyncio.wait_for(batcher.make(ids), 30)).tokens == len(ids)
+    finally:
+        batcher.close()
+    windows = -(-len(ids) // tiny_pipeline.config.window)
+    assert len(batches) == windows > 1
+    assert set(range(windows)) <= set(polls)  # it waited before every window
