@@ -1,5 +1,6 @@
-"""`genadapter bench serve`: adapt latency (cold, cached) and generation throughput with 0, 1
-and 4 distinct adapters in flight, measured side by side against one running server."""
+"""`genadapter bench serve`: adapt latency (cold, cached), generation throughput with 0, 1, 4
+and 16 distinct adapters in flight, and a prompt's processing with and without an adapter,
+measured side by side against one running server."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from clients.client import GenerativeAdapterClient
 
 PROMPT = "Tell me a long story about the harbour and its ships."
 SECTION = "bench serve"
+PREFILL_PARAGRAPHS = (
+    4,
+    20,
+)  # prompts of about 340 and 1,700 tokens (the default max_model_len: 2,048)
 
 
 def context(i: int, paragraphs: int) -> str:
@@ -80,8 +85,31 @@ def throughput(
     }
 
 
+def prefill(
+    client: GenerativeAdapterClient, adapter: str | None, paragraphs: int, repeats: int = 3
+) -> dict:
+    """The engine processing a new prompt (no prefix of it cached) with `adapter` (None: the
+    base model), one token out; the fastest of `repeats`."""
+    seconds, tokens = [], 0
+    for i in range(repeats):
+        start = time.perf_counter()
+        r = client.generate(adapter, context(i, paragraphs), max_tokens=1, temperature=0)
+        seconds.append(time.perf_counter() - start)
+        tokens = r.usage.prompt_tokens
+    return {
+        "adapter": adapter is not None,
+        "prompt_tokens": tokens,
+        "ms": round(1000 * min(seconds)),
+    }
+
+
 def run(
-    url: str, requests: int = 16, max_tokens: int = 64, contexts: int = 5, paragraphs: int = 4
+    url: str,
+    requests: int = 16,
+    max_tokens: int = 64,
+    contexts: int = 5,
+    paragraphs: int = 4,
+    prefill_paragraphs: Sequence[int] = PREFILL_PARAGRAPHS,
 ) -> dict:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     env = environment()
@@ -91,7 +119,14 @@ def run(
         ids = [client.adapt(context=context(100 + i, paragraphs)).adapter_id for i in range(16)]
         spreads = ([None], ids[:1], ids[:4], ids)  # 0, 1, 4 and 16 distinct adapters in flight
         generation = [throughput(client, a, requests, max_tokens) for a in spreads]
-    return {"base_model": base, **env, "adapt": adapt, "generation": generation}
+        prompts = [prefill(client, a, p) for p in prefill_paragraphs for a in (None, ids[0])]
+    return {
+        "base_model": base,
+        **env,
+        "adapt": adapt,
+        "generation": generation,
+        "prefill": prompts,
+    }
 
 
 def markdown(result: dict) -> str:
@@ -111,6 +146,13 @@ def markdown(result: dict) -> str:
         rows.append(
             f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
             f"| {g['tokens_per_s']} tokens/s ({g['tokens_per_s'] / base:.2f}x the base) |"
+        )
+    prompts = result["prefill"]
+    for base_row, lora_row in zip(prompts[::2], prompts[1::2], strict=True):
+        rows.append(
+            f"| a new {base_row['prompt_tokens']}-token prompt, 1 token out, base model / with an "
+            f"adapter (fastest of 3) | {base_row['ms']} / {lora_row['ms']} ms "
+            f"({lora_row['ms'] / base_row['ms']:.2f}x the base) |"
         )
     d = result.get("dtypes")  # absent for a server the benchmark did not start (--url)
     dtypes = f"the engine runs {d['engine']}, the generator reads in {d['adapt']}; " if d else ""

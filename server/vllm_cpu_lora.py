@@ -1,38 +1,122 @@
-"""A fix of vLLM 0.32's CPU LoRA ops, run by vLLM as a plugin (pyproject.toml's entry point) in
+"""vLLM 0.32's CPU LoRA ops, replaced, run by vLLM as a plugin (pyproject.toml's entry point) in
 each of its processes: on a CPU it spawns its engine and worker, which a patch made in the
-server's process would not reach. A module of its own, light to import there."""
+server's process would not reach. A module of its own, light to import there.
+
+vLLM's CPU ops (`vllm/lora/ops/torch_ops`) give every row (token) its adapter by copying that
+adapter's matrices for the row, then an einsum: a prefill of n tokens copies n matrices per layer
+and op (2,048 tokens: 48 ms per layer, measured, where the base layer takes about 1). Here a
+batch of more than GATHER_ROWS rows runs one matmul over the adapters it uses (at most
+`max_loras`) and keeps each row's own block; a decode step's few rows keep the per-row copy,
+as fast there. The ops also read a base-model row's index, -1, as the last adapter slot: once
+every slot held an adapter, a base-model request batched with adapter requests was answered with
+that adapter (vLLM's GPU kernels skip such rows; vllm-project/vllm#48421, open). Here such rows
+get no adapter at all.
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
-from typing import Any
 
-LoRAOp = Callable[..., None]  # (inputs, weights, output, lora index per row, *options)
+import torch
+from torch import Tensor
+
+GATHER_ROWS = 16  # up to this many rows, copying each row's matrices is as fast (measured)
 
 
-def no_lora_for_base_rows(op: LoRAOp) -> LoRAOp:
-    """`op`, giving rows whose LoRA index is -1 (base-model tokens) no adapter at all.
+def lora_rows(inputs: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
+    """Row t: weights[indices[t]] @ inputs[t] in `dtype`, zero where indices[t] < 0.
 
-    vLLM 0.32's CPU LoRA ops index the adapter slots with a row's index, so -1 is the last slot:
-    once every slot held an adapter, a base-model request batched with adapter requests was
-    answered with that adapter (vLLM's GPU kernels skip such rows; vllm-project/vllm#48421,
-    open). An adapter's delta is linear in its input: zero rows in, zero delta out.
-    """
+    weights: (slots, o, i), or vLLM's stacked (slots, 1, o, i); inputs (n, i) -> (n, o)."""
+    w = weights.reshape(weights.shape[0], *weights.shape[-2:])
+    x = inputs.to(dtype)
+    base = indices < 0
+    if bool(base.any()):
+        x = x.masked_fill(base.unsqueeze(-1), 0)  # a delta is linear in its input: zero in, zero out
+    indices = indices.clamp(min=0)
+    n, (o, i) = x.shape[0], w.shape[1:]
+    if n <= GATHER_ROWS:
+        return torch.einsum("ni,noi->no", x, w[indices].to(dtype))
+    used, slot_of_row = torch.unique(indices, return_inverse=True)
+    k = used.numel()
+    w = w[used].to(dtype)  # (k, o, i): the adapters this batch uses
+    if k == 1:
+        return x @ w[0].T
+    block = slot_of_row.view(n, 1, 1)
+    if o <= i:  # shrink: every used adapter on every row, then each row's own block
+        every = (x @ w.reshape(k * o, i).T).view(n, k, o)
+        return every.gather(1, block.expand(n, 1, o)).squeeze(1)
+    # expand: each row's input in its adapter's block, zeros elsewhere, times all adapters
+    spread = x.new_zeros(n, k, i).scatter_(1, block.expand(n, 1, i), x.unsqueeze(1))
+    return spread.view(n, k * i) @ w.transpose(1, 2).reshape(k * i, o)
 
-    @functools.wraps(op)
-    def op_(
-        inputs: Any, weights: Any, output: Any, indices: Any, *options: Any, **named: Any
-    ) -> None:
-        base = (indices < 0).unsqueeze(-1)
-        op(inputs.masked_fill(base, 0), weights, output, indices.clamp(min=0), *options, **named)
 
-    return op_
+# The three ops vLLM's CPU punica wrapper calls; its sgmv_* (prefill) ops call these by name.
+# Signatures and output writes as vLLM's own.
+
+
+def bgmv_shrink(
+    inputs: Tensor,
+    lora_b_weights: Tensor,
+    output_tensor: Tensor,
+    lora_indices_tensor: Tensor,
+    scaling: float = 1.0,
+) -> None:
+    outputs = lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(
+    inputs: Tensor,
+    lora_b_weights: Tensor,
+    output_tensor: Tensor,
+    lora_indices_tensor: Tensor,
+    add_inputs: bool = True,
+) -> None:
+    outputs = lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    limit = output_tensor.shape[0]
+    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
+        limit = 1
+    # the adapter and the model may pad their outputs differently
+    common = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common] += outputs[:limit, :common]
+    else:
+        output_tensor[:, :common] = outputs[:limit, :common]
+
+
+def bgmv_expand_slice(
+    inputs: Tensor,
+    lora_b_weights: Tensor,
+    output_tensor: Tensor,
+    lora_indices_tensor: Tensor,
+    slice_offset: int,
+    slice_size: int,
+    add_inputs: bool = True,
+) -> None:
+    outputs = lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    if add_inputs:
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+
+
+OPS: dict[str, Callable[..., None]] = {
+    "bgmv_shrink": bgmv_shrink,
+    "bgmv_expand": bgmv_expand,
+    "bgmv_expand_slice": bgmv_expand_slice,
+}
+
+
+class VllmLoRAOpsChanged(RuntimeError):
+    """The pinned vLLM's CPU LoRA ops no longer take what ours take: this module needs a look."""
 
 
 @functools.cache
-def skip_base_rows_in_cpu_lora_ops() -> None:
-    """The fix above, wherever vLLM's CPU LoRA layers look the ops up."""
+def use_our_cpu_lora_ops() -> None:
+    """Ours wherever vLLM's CPU LoRA layers look the ops up; fails loudly (the engine does not
+    start) where vLLM's ops changed their arguments."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -41,7 +125,12 @@ def skip_base_rows_in_cpu_lora_ops() -> None:
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    for name in ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice"):
-        fixed = no_lora_for_base_rows(getattr(lora_ops, name))
+    for name, op in OPS.items():
+        theirs = getattr(lora_ops, name)
+        if list(inspect.signature(theirs).parameters) != list(inspect.signature(op).parameters):
+            raise VllmLoRAOpsChanged(
+                f"vLLM's {name}{inspect.signature(theirs)} is not the one server/vllm_cpu_lora.py "
+                "replaces: update that module for this vLLM"
+            )
         for module in (lora_ops, torch_ops, punica_cpu):
-            setattr(module, name, fixed)
+            setattr(module, name, op)

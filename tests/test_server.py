@@ -28,6 +28,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 
+from benchmarks import serve as serve_benchmark
 from clients import ApiError, AsyncGenerativeAdapterClient, GenerativeAdapterClient, NotFoundError
 from generator.base_model import BaseModel
 from generator.lora import write_peft_folder
@@ -107,6 +108,17 @@ def test_mixed_adapter_batch_equals_per_adapter_runs(server: Server) -> None:
     with ThreadPoolExecutor(len(adapters)) as pool:  # in flight together: one mixed batch
         together = list(pool.map(lambda x: greedy(server, x), adapters))
     assert together == [alone[x] for x in adapters]
+
+
+def test_serve_benchmark_runs_against_the_server(server: Server) -> None:
+    """`genadapter bench serve` in miniature, so it cannot rot; no timing is asserted."""
+    result = serve_benchmark.run(
+        server.url, requests=2, max_tokens=2, contexts=1, paragraphs=1, prefill_paragraphs=(1,)
+    )
+    assert [g["distinct_adapters"] for g in result["generation"]] == [0, 1, 4, 16]
+    assert [p["adapter"] for p in result["prefill"]] == [False, True]
+    assert all(p["prompt_tokens"] > 100 and p["ms"] > 0 for p in result["prefill"])
+    assert "1 token out, base model / with an adapter" in serve_benchmark.markdown(result)
 
 
 def test_openai_client_chat_completions_and_models(server: Server) -> None:

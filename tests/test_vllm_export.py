@@ -14,7 +14,7 @@ from genadapter.cli import main
 from generator.base_model import BaseModel, native_bfloat16
 from generator.pipeline import save_generator
 from server.settings import Settings
-from server.vllm_cpu_lora import skip_base_rows_in_cpu_lora_ops
+from server.vllm_cpu_lora import GATHER_ROWS, VllmLoRAOpsChanged, use_our_cpu_lora_ops
 from server.vllm_env import apply_vllm_env, engine_dtype
 from tests.conftest import random_generator
 
@@ -87,30 +87,52 @@ def test_cli_adapter_is_served_by_vllm_like_peft(smollm2: BaseModel, tmp_path: P
     assert served_ids == peft_greedy(smollm2, adapter, prompts, 20)
 
 
-def test_base_rows_in_a_batch_with_adapters_get_no_adapter_on_a_cpu() -> None:
-    """vLLM's CPU LoRA ops read a base-model row's index, -1, as the last adapter slot; fixed,
-    such a row gets no delta, and each adapter row its own, decoding and prefilling."""
-    skip_base_rows_in_cpu_lora_ops()
+@pytest.mark.parametrize("repeat", [1, GATHER_ROWS])  # a decode step's few rows; a prefill's
+def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: int) -> None:
+    """vLLM's CPU LoRA ops read a base-model row's index, -1, as the last adapter slot; ours give
+    such a row no delta, and each adapter row its own, decoding and prefilling, whether rows
+    copy their matrices (few rows) or share one matmul (many)."""
+    use_our_cpu_lora_ops()
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
     torch.manual_seed(0)
-    x, rows = torch.randn(3, 8), torch.tensor([-1, 0, 1])  # base, slot 0, slot 1 (the last)
+    rows = torch.tensor([-1, 0, 1] * repeat)  # base, slot 0, slot 1 (the last)
+    x, n = torch.randn(len(rows), 8), len(rows)
     a, b = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 8, 4)  # two slots of rank 4
-    by_hand = [torch.zeros(8)] + [b[s, 0] @ (a[s, 0] @ x[s + 1]) for s in (0, 1)]
-    shrunk, prefilled = torch.zeros(3, 4), torch.zeros(3, 4)
+    by_hand = torch.stack(
+        [torch.zeros(8) if s < 0 else b[s, 0] @ (a[s, 0] @ x[i]) for i, s in enumerate(rows)]
+    )
+    shrunk, prefilled = torch.zeros(n, 4), torch.zeros(n, 4)
     punica_cpu.bgmv_shrink(x, a, shrunk, rows, 1.0)
-    ones = torch.ones(3)  # one token per request
-    lora_ops.sgmv_shrink(x, a, prefilled, ones.cumsum(0) - 1, ones.long(), rows, 3, 1, 3, 1.0)
+    ones = torch.ones(n)  # one token per request
+    lora_ops.sgmv_shrink(x, a, prefilled, ones.cumsum(0) - 1, ones.long(), rows, n, 1, n, 1.0)
     torch.testing.assert_close(prefilled, shrunk)
-    out, sliced = torch.ones(3, 8), torch.ones(3, 16)
+    out, sliced = torch.ones(n, 8), torch.ones(n, 16)
     punica_cpu.bgmv_expand(shrunk, b, out, rows, True)
     punica_cpu.bgmv_expand_slice(shrunk, b, sliced, rows, 8, 8, True)
-    torch.testing.assert_close(out - 1, torch.stack(by_hand))
+    torch.testing.assert_close(out - 1, by_hand)
     torch.testing.assert_close(sliced[:, 8:], out)
-    by_name = torch.ones(3, 8)
+    by_name = torch.ones(n, 8)
     punica_cpu.bgmv_expand(shrunk, b, by_name, rows, add_inputs=True)  # as the logits layer calls
     torch.testing.assert_close(by_name, out)
+    one_adapter = torch.zeros(n, 4)  # a batch of one adapter: one plain matmul
+    punica_cpu.bgmv_shrink(x, a, one_adapter, torch.ones(n, dtype=torch.long), 1.0)
+    torch.testing.assert_close(one_adapter, x @ a[1, 0].T)
+
+
+def test_our_cpu_lora_ops_refuse_a_vllm_whose_ops_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    def bgmv_shrink(inputs: torch.Tensor, weights: torch.Tensor) -> None: ...
+
+    monkeypatch.setattr(lora_ops, "bgmv_shrink", bgmv_shrink)
+    use_our_cpu_lora_ops.cache_clear()
+    try:
+        with pytest.raises(VllmLoRAOpsChanged, match="bgmv_shrink"):
+            use_our_cpu_lora_ops()
+    finally:
+        use_our_cpu_lora_ops.cache_clear()
 
 
 def test_engine_dtype_auto_follows_the_cpu() -> None:
