@@ -32,8 +32,8 @@ def lora_rows(inputs: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dty
     w = weights.reshape(weights.shape[0], *weights.shape[-2:])
     x = inputs.to(dtype)
     base = indices < 0
-    if bool(base.any()):
-        x = x.masked_fill(base.unsqueeze(-1), 0)  # a delta is linear in its input: zero in, zero out
+    if bool(base.any()):  # a delta is linear in its input: a zero row gets none
+        x = x.masked_fill(base.unsqueeze(-1), 0)
     indices = indices.clamp(min=0)
     n, (o, i) = x.shape[0], w.shape[1:]
     if n <= GATHER_ROWS:
