@@ -1,16 +1,17 @@
-"""vLLM 0.32's CPU LoRA ops, replaced, run by vLLM as a plugin (pyproject.toml's entry point) in
-each of its processes: on a CPU it spawns its engine and worker, which a patch made in the
-server's process would not reach. A module of its own, light to import there.
+"""vLLM 0.32's CPU LoRA ops and punica wrapper, replaced, run by vLLM as a plugin
+(pyproject.toml's entry point) in each of its processes: on a CPU it spawns its engine and
+worker, which a patch made in the server's process would not reach. Only vLLM imports it.
 
 vLLM's CPU ops (`vllm/lora/ops/torch_ops`) give every row (token) its adapter by copying that
 adapter's matrices for the row, then an einsum: a prefill of n tokens copies n matrices per layer
 and op (2,048 tokens: 48 ms per layer, measured, where the base layer takes about 1). Here a
 batch of more than GATHER_ROWS rows runs one matmul over the adapters it uses (at most
 `max_loras`) and keeps each row's own block; a decode step's few rows keep the per-row copy,
-as fast there. The ops also read a base-model row's index, -1, as the last adapter slot: once
-every slot held an adapter, a base-model request batched with adapter requests was answered with
-that adapter (vLLM's GPU kernels skip such rows; vllm-project/vllm#48421, open). Here such rows
-get no adapter at all.
+as fast there. Each batch's routing is worked out once, not in every layer, and a layer's LoRA
+is applied in one call (GroupedPunicaWrapper). vLLM's ops also read a base-model row's index,
+-1, as the last adapter slot: once every slot held an adapter, a base-model request batched with
+adapter requests was answered with that adapter (vLLM's GPU kernels skip such rows;
+vllm-project/vllm#48421, open). Here such rows get no adapter at all.
 """
 
 from __future__ import annotations
@@ -18,38 +19,88 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 GATHER_ROWS = 16  # up to this many rows, copying each row's matrices is as fast (measured)
 
 
-def lora_rows(inputs: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
-    """Row t: weights[indices[t]] @ inputs[t] in `dtype`, zero where indices[t] < 0.
+class Routing:
+    """Which adapter slot each row (token) of a batch uses, worked out once for all its layers.
+    An index below 0 is a base-model row: it gets no adapter."""
 
-    weights: (slots, o, i), or vLLM's stacked (slots, 1, o, i); inputs (n, i) -> (n, o)."""
-    w = weights.reshape(weights.shape[0], *weights.shape[-2:])
-    x = inputs.to(dtype)
-    base = indices < 0
-    if bool(base.any()):  # a delta is linear in its input: a zero row gets none
-        x = x.masked_fill(base.unsqueeze(-1), 0)
-    indices = indices.clamp(min=0)
-    n, (o, i) = x.shape[0], w.shape[1:]
-    if n <= GATHER_ROWS:
-        return torch.einsum("ni,noi->no", x, w[indices].to(dtype))
-    used, slot_of_row = torch.unique(indices, return_inverse=True)
-    k = used.numel()
-    w = w[used].to(dtype)  # (k, o, i): the adapters this batch uses
-    if k == 1:
-        return x @ w[0].T
-    block = slot_of_row.view(n, 1, 1)
-    if o <= i:  # shrink: every used adapter on every row, then each row's own block
-        every = (x @ w.reshape(k * o, i).T).view(n, k, o)
-        return every.gather(1, block.expand(n, 1, o)).squeeze(1)
-    # expand: each row's input in its adapter's block, zeros elsewhere, times all adapters
-    spread = x.new_zeros(n, k, i).scatter_(1, block.expand(n, 1, i), x.unsqueeze(1))
-    return spread.view(n, k * i) @ w.transpose(1, 2).reshape(k * i, o)
+    def __init__(self, indices: Tensor) -> None:
+        base = indices < 0
+        self.none = bool(base.all())  # no row has an adapter
+        self.base = base.unsqueeze(-1) if bool(base.any()) else None
+        self.indices = indices.clamp(min=0)
+        self.n = indices.shape[0]
+        if self.n > GATHER_ROWS:
+            self.used, slot_of_row = torch.unique(self.indices, return_inverse=True)
+            self.block = slot_of_row.view(self.n, 1, 1)
+
+    def rows(self, inputs: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+        """Row t: weights[slot of t] @ inputs[t] in `dtype`, zero for base rows.
+
+        weights: (slots, o, i), or vLLM's stacked (slots, 1, o, i); inputs (n, i) -> (n, o)."""
+        w = weights.reshape(weights.shape[0], *weights.shape[-2:])
+        x = inputs.to(dtype)
+        if self.base is not None:  # a delta is linear in its input: a zero row gets none
+            x = x.masked_fill(self.base, 0)
+        n, (o, i) = self.n, w.shape[1:]
+        if n <= GATHER_ROWS:
+            return torch.einsum("ni,noi->no", x, w[self.indices].to(dtype))
+        k = self.used.numel()
+        w = w[self.used].to(dtype)  # (k, o, i): the adapters this batch uses
+        if k == 1:
+            return x @ w[0].T
+        if o <= i:  # shrink: every used adapter on every row, then each row's own block
+            every = (x @ w.reshape(k * o, i).T).view(n, k, o)
+            return every.gather(1, self.block.expand(n, 1, o)).squeeze(1)
+        # expand: each row's input in its adapter's block, zeros elsewhere, times all adapters
+        spread = x.new_zeros(n, k, i).scatter_(1, self.block.expand(n, 1, i), x.unsqueeze(1))
+        return spread.view(n, k * i) @ w.transpose(1, 2).reshape(k * i, o)
+
+
+def lora_rows(inputs: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
+    return Routing(indices).rows(inputs, weights, dtype)
+
+
+class GroupedPunicaWrapper(PunicaWrapperCPU):
+    """vLLM's CPU punica wrapper, each batch's routing worked out once (`update_metadata`) and a
+    linear layer's LoRA applied in one call: vLLM's chain of calls per layer (shrink, expand,
+    each through its prefill or decode op) cost a decode step more than the LoRA math."""
+
+    routing: Routing
+
+    def update_metadata(self, *args: Any, **kwargs: Any) -> None:
+        super().update_metadata(*args, **kwargs)
+        self.routing = Routing(self.token_lora_indices)
+
+    def add_lora_linear(
+        self,
+        y: Tensor,
+        x: Tensor,
+        lora_a_stacked: tuple[Tensor, ...],
+        lora_b_stacked: tuple[Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """y[:, slice] += scale x A^T B^T per row's adapter; the middle in float32, as vLLM's."""
+        if self.routing.none:
+            return
+        x = x.view(-1, x.shape[-1])
+        offset = 0
+        for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
+            shrunk = scale * self.routing.rows(x, a, torch.float32)
+            y[:, offset : offset + size] += self.routing.rows(shrunk, b, y.dtype)
+            offset += size
 
 
 # The three ops vLLM's CPU punica wrapper calls; its sgmv_* (prefill) ops call these by name.
@@ -115,22 +166,29 @@ class VllmLoRAOpsChanged(RuntimeError):
 
 @functools.cache
 def use_our_cpu_lora_ops() -> None:
-    """Ours wherever vLLM's CPU LoRA layers look the ops up; fails loudly (the engine does not
-    start) where vLLM's ops changed their arguments."""
+    """Ours wherever vLLM's CPU LoRA layers look the ops and the punica wrapper up; fails loudly
+    (the engine does not start) where vLLM's take other arguments than ours."""
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return
-    from vllm.lora.ops import torch_ops
-    from vllm.lora.ops.torch_ops import lora_ops
-    from vllm.lora.punica_wrapper import punica_cpu
-
-    for name, op in OPS.items():
-        theirs = getattr(lora_ops, name)
-        if list(inspect.signature(theirs).parameters) != list(inspect.signature(op).parameters):
+    theirs = {name: getattr(lora_ops, name) for name in OPS}
+    theirs["add_lora_linear"] = PunicaWrapperCPU.add_lora_linear
+    ours = {**OPS, "add_lora_linear": GroupedPunicaWrapper.add_lora_linear}
+    for name, op in ours.items():
+        if list(inspect.signature(theirs[name]).parameters) != list(
+            inspect.signature(op).parameters
+        ):
             raise VllmLoRAOpsChanged(
-                f"vLLM's {name}{inspect.signature(theirs)} is not the one server/vllm_cpu_lora.py "
-                "replaces: update that module for this vLLM"
+                f"vLLM's {name}{inspect.signature(theirs[name])} is not the one "
+                "server/vllm_cpu_lora.py replaces: update that module for this vLLM"
             )
+    for name, op in OPS.items():
         for module in (lora_ops, torch_ops, punica_cpu):
             setattr(module, name, op)
+    wrapper = f"{GroupedPunicaWrapper.__module__}.{GroupedPunicaWrapper.__qualname__}"
+    # the platform names the wrapper class vLLM builds for every LoRA model (punica_selector)
+    type(current_platform).get_punica_wrapper = classmethod(lambda cls: wrapper)  # type: ignore[method-assign, assignment]

@@ -14,7 +14,13 @@ from genadapter.cli import main
 from generator.base_model import BaseModel, native_bfloat16
 from generator.pipeline import save_generator
 from server.settings import Settings
-from server.vllm_cpu_lora import GATHER_ROWS, VllmLoRAOpsChanged, use_our_cpu_lora_ops
+from server.vllm_cpu_lora import (
+    GATHER_ROWS,
+    GroupedPunicaWrapper,
+    Routing,
+    VllmLoRAOpsChanged,
+    use_our_cpu_lora_ops,
+)
 from server.vllm_env import apply_vllm_env, engine_dtype
 from tests.conftest import random_generator
 
@@ -119,6 +125,29 @@ def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: i
     one_adapter = torch.zeros(n, 4)  # a batch of one adapter: one plain matmul
     punica_cpu.bgmv_shrink(x, a, one_adapter, torch.ones(n, dtype=torch.long), 1.0)
     torch.testing.assert_close(one_adapter, x @ a[1, 0].T)
+
+
+@pytest.mark.parametrize("repeat", [1, GATHER_ROWS])
+def test_our_punica_wrapper_adds_each_rows_adapter_once_per_layer(repeat: int) -> None:
+    use_our_cpu_lora_ops()
+    from vllm.platforms import current_platform
+
+    assert current_platform.get_punica_wrapper().endswith("vllm_cpu_lora.GroupedPunicaWrapper")
+    torch.manual_seed(0)
+    rows = torch.tensor([-1, 0, 1] * repeat)
+    x, n = torch.randn(len(rows), 8), len(rows)
+    a, b = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 6, 4)  # two slices: outputs 6 and 6
+    wrapper = GroupedPunicaWrapper(64, 8, "cpu")
+    wrapper.routing = Routing(rows)
+    y = torch.ones(n, 12)
+    wrapper.add_lora_linear(y, x, (a, a), (b, b), 0.5, (6, 6))
+    by_hand = torch.stack(
+        [torch.zeros(6) if s < 0 else 0.5 * b[s, 0] @ (a[s, 0] @ x[i]) for i, s in enumerate(rows)]
+    )
+    torch.testing.assert_close(y - 1, torch.cat([by_hand, by_hand], dim=1))
+    wrapper.routing = Routing(torch.full((n,), -1))  # no row has an adapter: nothing added
+    wrapper.add_lora_linear(y, x, (a,), (b,), 1.0, (6,))
+    torch.testing.assert_close(y - 1, torch.cat([by_hand, by_hand], dim=1))
 
 
 def test_our_cpu_lora_ops_refuse_a_vllm_whose_ops_changed(monkeypatch: pytest.MonkeyPatch) -> None:
