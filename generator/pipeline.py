@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +76,9 @@ class Reading:
 
 def _stacked(factors: list[LoRAFactors | None]) -> LoRAFactors | None:
     """One batch of per-sample factors; a sample with none yet (its first window) gets zeros,
-    exactly the base model."""
+    exactly the base model. Samples that all share one adapter get it unbatched (broadcast)."""
     known = [f for f in factors if f is not None]
-    if len(factors) == 1 or not known:
+    if all(f is factors[0] for f in factors) or not known:
         return factors[0]
     stacked: LoRAFactors = {}
     for name, (a, b) in known[0].items():
@@ -200,22 +201,30 @@ class AdapterPipeline:
 
     @torch.no_grad()
     def read_next(self, readings: list[Reading]) -> None:
-        """The next window of each unfinished reading, read in one batch, each with the adapter
-        of everything it read before. Contexts of any length share a batch: one that ends
-        leaves it, another can join at the next call (continuous batching)."""
-        w = self.config.window
-        windows = [r.ids[r.read : r.read + w] for r in readings]
+        """The next `windows_at_once` windows of each unfinished reading, read in one batch, each
+        with the adapter of everything its reading read before. Contexts of any length share a
+        batch: one that ends leaves it, another can join at the next call (continuous
+        batching)."""
+        w, at_once = self.config.window, self.config.windows_at_once
+        windows, owners = [], []  # the rows of the batch and the reading of each
+        for i, r in enumerate(readings):
+            chunk = r.ids[r.read : r.read + w * at_once]
+            windows += [chunk[j : j + w] for j in range(0, len(chunk), w)]
+            owners += [i] * math.ceil(len(chunk) / w)
         longest = max(map(len, windows))
         ids = torch.tensor([x + [0] * (longest - len(x)) for x in windows])
         mask = None
         if any(len(x) < longest for x in windows):  # right padding, masked out of S
             mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in windows])
             mask = mask.to(self.base.model.device)
-        factors = _stacked([r.factors for r in readings])
+        factors = _stacked([readings[i].factors for i in owners])
         state = self.read_window(ids.to(self.base.model.device), mask, factors)[0]
-        for i, (reading, window) in enumerate(zip(readings, windows, strict=True)):
-            reading.state = add_states(reading.state, {k: v[i : i + 1] for k, v in state.items()})
-            reading.read += len(window)
+        rows = torch.tensor(owners, device=ids.device)
+        for i, reading in enumerate(readings):
+            mine = (rows == i).nonzero().squeeze(1).to(self.base.model.device)
+            read = {k: v.index_select(0, mine).sum(0, keepdim=True) for k, v in state.items()}
+            reading.state = add_states(reading.state, read)
+            reading.read += sum(len(windows[j]) for j in mine.tolist())
             reading.factors = self.generator.lora(reading.state)
 
     def adapt_ids(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Adapter:

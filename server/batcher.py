@@ -1,7 +1,7 @@
 """The generator's own thread: continuous batching of generator runs, and all of its torch work.
 
 The contexts being adapted read their next windows together, in one forward pass of the base
-model; a context joins at the next window and leaves when it is read, so a short context never
+model; a context joins at the next pass and leaves when it is read, so a short context never
 waits for a long one to end.
 
 Every torch call of the generator runs on this one thread, its loading included. libgomp (torch's
@@ -11,7 +11,7 @@ thread) makes every region's workers sleep and wake instead: adapting then took 
 cores (measured, 1,400 tokens: 1.8 s on the main thread, 6 s on a second thread after loading on
 another).
 
-Between windows the thread also lets the engine's requests in flight finish first, for up to
+Between passes the thread also lets the engine's requests in flight finish first, for up to
 `adapt_yield_s`: the engine (other processes) and the generator each use every core, and computing
 at once, each slowed the other more than twice (measured, 2 cores: 64 documents each adapted then
 asked took 61 s; the same adapts alone 19.5 s, the same questions alone 10.5 s).
@@ -32,7 +32,7 @@ from generator.maker import AdapterMaker, MadeAdapter, Reading
 
 log = logging.getLogger(__name__)
 
-ENGINE_POLL_S = 0.005  # how often a waiting window looks whether the engine is done
+ENGINE_POLL_S = 0.005  # how often a waiting pass looks whether the engine is done
 
 
 @dataclass
@@ -73,7 +73,7 @@ class AdaptBatcher:
         self._thread.start()
 
     def yield_to(self, engine_busy: Callable[[], bool], seconds: float) -> None:
-        """Before each window, wait up to `seconds` while `engine_busy()` (the module says why)."""
+        """Before each pass, wait up to `seconds` while `engine_busy()` (the module says why)."""
         self._engine_busy, self._yield_s = engine_busy, seconds
 
     async def loaded(self) -> AdapterMaker:
@@ -87,11 +87,11 @@ class AdaptBatcher:
 
     async def make(self, ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
         """The adapter of `ids` (continuing `parent_state`); cancelling the call drops its
-        context from the batch at the next window."""
+        context from the batch at the next pass."""
         return await self._submit(_Job(ids, parent_state))
 
     async def compose(self, states: list[bytes]) -> MadeAdapter:
-        """AdapterMaker.compose, between two windows of the adapts in flight."""
+        """AdapterMaker.compose, between two passes of the adapts in flight."""
         return await self._submit(_Job(work=lambda maker: maker.compose(states)))
 
     async def _submit(self, job: _Job) -> MadeAdapter:
@@ -101,7 +101,7 @@ class AdaptBatcher:
         return await job.future
 
     def close(self) -> None:
-        """Stop after the current window; adapts still running fail."""
+        """Stop after the current pass; adapts still running fail."""
         self._queue.put(None)
         self._thread.join()
 
@@ -141,7 +141,7 @@ class AdaptBatcher:
             time.sleep(ENGINE_POLL_S)
 
     def _step(self, maker: AdapterMaker, active: list[_Job]) -> list[_Job]:
-        """Read one window of every active context; settle those done; the rest go on."""
+        """Read the next windows of every active context; settle those done; the rest go on."""
         readings = [j.reading for j in active if j.reading is not None]
         try:
             maker.read_next(readings)

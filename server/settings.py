@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     adapt_yield_s: float = Field(
         1.0,
         ge=0,
-        description="longest a window of adapting waits for the engine's requests in flight to "
+        description="longest a pass of adapting waits for the engine's requests in flight to "
         "finish first (0: never waits)",
     )
     adapt_dtype: AdaptDType = Field(

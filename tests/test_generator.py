@@ -143,6 +143,23 @@ def test_windows_are_read_sequentially(tiny_pipeline: AdapterPipeline) -> None:
     assert not torch.allclose(forward.state[name], backward.state[name])
 
 
+def test_windows_read_at_once_share_the_adapter_of_the_steps_before(tiny_base: BaseModel) -> None:
+    """With windows_at_once 2, windows 1-2 are read in one pass with no adapter, in either order,
+    and window 3 with theirs: S is their states' sum, as one window at a time would add them."""
+    at_once = AdapterPipeline(tiny_base, random_generator(tiny_base, window=16, windows_at_once=2))
+    forward = at_once.adapt_ids(IDS[:16] + IDS[16:32] + IDS[32:40])
+    swapped = at_once.adapt_ids(IDS[16:32] + IDS[:16] + IDS[32:40])
+    for name in forward.state:
+        torch.testing.assert_close(forward.state[name], swapped.state[name], rtol=1e-5, atol=1e-5)
+    first = at_once.read_window(torch.tensor([IDS[:16], IDS[16:32]]), None, None)[0]
+    factors = at_once.generator.lora({k: v.sum(0, keepdim=True) for k, v in first.items()})
+    third = at_once.read_window(torch.tensor([IDS[32:40]]), None, factors)[0]
+    for name, s in forward.state.items():
+        torch.testing.assert_close(s, first[name].sum(0, keepdim=True) + third[name])
+    one_by_one = AdapterPipeline(tiny_base, random_generator(tiny_base, window=16))
+    assert one_by_one.fingerprint != at_once.fingerprint  # another reading: other adapter ids
+
+
 def test_generator_round_trips_through_safetensors(
     tiny_pipeline: AdapterPipeline, tmp_path: Path
 ) -> None:
@@ -183,6 +200,7 @@ def test_missing_generator_folder_is_a_clear_error(tmp_path: Path) -> None:
     [
         ({"rank": 64, "inner_size": 32}, "rank 64 exceeds inner_size 32"),
         ({"window": 0}, "window must be positive"),
+        ({"windows_at_once": 0}, "windows_at_once must be positive"),
         ({"normalization": "l2"}, "normalization must be 'svd' or 'frobenius'"),
         ({"target_modules": ("q_proj", "nope")}, r"target modules \['nope'\] not found"),
     ],

