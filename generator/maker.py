@@ -127,6 +127,10 @@ class AdapterMaker(ServedModel):
     def read_next(self, readings: list[Reading]) -> None:
         self._pipeline.read_next(readings)
 
+    def pass_tokens(self, reading: Reading) -> int:
+        """Tokens of `reading` its next `read_next` reads."""
+        return self._pipeline.pass_tokens(reading)
+
     def finish(self, reading: Reading) -> MadeAdapter:
         return self._files(reading.adapter())
 

@@ -199,6 +199,12 @@ class AdapterPipeline:
         factors = None if state is None else self.generator.lora(state)
         return Reading(ids, state, tokens, factors)
 
+    def pass_tokens(self, reading: Reading) -> int:
+        """Tokens `read_next` reads of `reading` in its next pass."""
+        return min(
+            len(reading.ids) - reading.read, self.config.window * self.config.windows_at_once
+        )
+
     @torch.no_grad()
     def read_next(self, readings: list[Reading]) -> None:
         """The next `windows_at_once` windows of each unfinished reading, read in one batch, each

@@ -200,3 +200,27 @@ async def test_an_engine_that_stays_busy_delays_windows_but_never_stops_them(
     windows = -(-len(ids) // tiny_pipeline.config.window)
     assert len(batches) == windows > 1
     assert set(range(windows)) <= set(polls)  # it waited before every window
+
+
+async def test_a_pass_runs_as_forwards_of_at_most_pass_tokens_and_equals_alone(
+    maker: AdapterMaker, batches: list[int]
+) -> None:
+    """Four contexts of 16-token windows, forwards of at most 40 tokens: two full windows a
+    forward, the engine asked before each, and every adapter as made alone."""
+    contexts = [maker.tokenize(f"Context {i}. " + "Velloran. " * 12) for i in range(4)]
+    polls: list[int] = []
+
+    def idle() -> bool:
+        polls.append(len(batches))
+        return False
+
+    batcher = AdaptBatcher(lambda: maker, max_batch=8, pass_tokens=40)
+    batcher.yield_to(idle, seconds=1)
+    try:
+        made = await asyncio.gather(*(batcher.make(ids) for ids in contexts))
+    finally:
+        batcher.close()
+    assert batches[:2] == [2, 2]  # full windows first: two contexts a forward
+    assert len(polls) == len(batches)
+    for a, ids in zip(made, contexts, strict=True):
+        assert_same_adapter(a, maker.make(ids))
