@@ -211,30 +211,30 @@ class AdapterPipeline:
         with the adapter of everything its reading read before. Contexts of any length share a
         batch: one that ends leaves it, another can join at the next call (continuous
         batching)."""
-        w, at_once = self.config.window, self.config.windows_at_once
-        windows, owners = [], []  # the rows of the batch and the reading of each
-        for i, r in enumerate(readings):
-            chunk = r.ids[r.read : r.read + w * at_once]
-            windows += [chunk[j : j + w] for j in range(0, len(chunk), w)]
-            owners += [i] * math.ceil(len(chunk) / w)
+        w = self.config.window
+        chunks = [r.ids[r.read : r.read + self.pass_tokens(r)] for r in readings]
+        counts = [math.ceil(len(c) / w) for c in chunks]  # windows of each reading
+        windows = [c[j : j + w] for c in chunks for j in range(0, len(c), w)]
         longest = max(map(len, windows))
         ids = torch.tensor([x + [0] * (longest - len(x)) for x in windows])
         mask = None
         if any(len(x) < longest for x in windows):  # right padding, masked out of S
             mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in windows])
             mask = mask.to(self.base.model.device)
-        factors = _stacked([readings[i].factors for i in owners])
+        factors = _stacked(
+            [r.factors for r, n in zip(readings, counts, strict=True) for _ in range(n)]
+        )
         state = self.read_window(ids.to(self.base.model.device), mask, factors)[0]
-        rows = torch.tensor(owners, device=ids.device)
-        for i, reading in enumerate(readings):
-            mine = (rows == i).nonzero().squeeze(1).to(self.base.model.device)
-            read = {k: v.index_select(0, mine).sum(0, keepdim=True) for k, v in state.items()}
+        parts = {k: v.split(counts) for k, v in state.items()}
+        for i, (reading, chunk) in enumerate(zip(readings, chunks, strict=True)):
+            read = {k: p[i].sum(0, keepdim=True) for k, p in parts.items()}
             reading.state = add_states(reading.state, read)
-            reading.read += sum(len(windows[j]) for j in mine.tolist())
+            reading.read += len(chunk)
             reading.factors = self.generator.lora(reading.state)
 
     def adapt_ids(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Adapter:
-        """Read `ids` window by window, each with the adapter of everything before it applied."""
+        """Read `ids` a pass at a time (`read_next`), each with the adapter of everything before
+        it applied."""
         reading = self.start_reading(ids, state, tokens)
         while not reading.done:
             self.read_next([reading])
