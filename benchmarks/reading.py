@@ -11,14 +11,11 @@ import random
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 from benchmarks.report import environment
-from generator.lora import applied
 from generator.model import AdapterGenerator, LoRAFactors
 from generator.pipeline import AdapterPipeline
 from generator.training.data import brown_rows_of, split_of
+from generator.training.evaluate import summed_nll
 
 SECTION = "bench reading"
 RECONSTRUCTED = 512  # tokens of the context's start scored with its adapter
@@ -45,12 +42,10 @@ def reading(pipeline: AdapterPipeline, windows_at_once: int) -> AdapterPipeline:
     return AdapterPipeline(pipeline.base, generator)
 
 
-@torch.no_grad()
 def nll(pipeline: AdapterPipeline, factors: LoRAFactors | None, ids: list[int]) -> float:
-    x = torch.tensor([ids], device=pipeline.base.model.device)
-    with applied(factors):
-        logits = pipeline.base.model(input_ids=x).logits.float()
-    return F.cross_entropy(logits[0, :-1], x[0, 1:]).item()
+    """Mean NLL of `ids` (every token after the first) with `factors` applied."""
+    total, count = summed_nll(pipeline.base.model, ids, 0, factors)
+    return total / count
 
 
 def paired(a: list[float], b: list[float], seed: int = 0) -> dict:

@@ -21,6 +21,7 @@ from generator.training.evaluate import (
     contains,
     gain_recovered,
     greedy_ids,
+    summed_nll,
 )
 from generator.training.tasks import PHRASINGS, chat_ids
 from generator.training.train import (
@@ -130,7 +131,9 @@ def test_label_scores_with_a_shared_prompt_cache_match_full_sequences(
             answer = tiny_base.tokenizer(
                 label + tiny_base.tokenizer.eos_token, add_special_tokens=False
             )["input_ids"]
-            full.append(evaluator.nll(prompt + answer, len(prompt) - 1, factors)[0])
+            full.append(
+                summed_nll(pipeline.base.model, prompt + answer, len(prompt) - 1, factors)[0]
+            )
         cached = evaluator.label_nll(user, labels, factors)
         assert cached == pytest.approx(full, abs=1e-3)
 

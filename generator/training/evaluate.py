@@ -23,6 +23,7 @@ from typing import cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 from transformers import GenerationMixin
 
@@ -80,16 +81,6 @@ class Evaluator:
     def adapter(self, text: str) -> LoRAFactors:
         return self.pipeline.adapt(text).factors
 
-    @torch.no_grad()
-    def nll(
-        self, ids: list[int], score_from: int, factors: LoRAFactors | None
-    ) -> tuple[float, int]:
-        """Summed negative log-likelihood of ids[score_from + 1:], and how many tokens."""
-        with applied(factors):
-            logits = self.model(torch.tensor([ids])).logits[0, score_from:-1]
-        target = torch.tensor(ids[score_from + 1 :])
-        return F.cross_entropy(logits.float(), target, reduction="sum").item(), len(target)
-
     def perplexity(self) -> dict[str, float]:
         """Table 2: the first W tokens are the context; score the next W (completion) and the
         same W (reconstruction). The first target token is never scored, so every condition
@@ -116,7 +107,7 @@ class Evaluator:
                     ("adapter", target, 0, adapters[i]),
                     ("other_adapter", target, 0, adapters[i - 1]),
                 ):
-                    _add_nll(totals, f"{task}/{cond}", *self.nll(seq, start, f))
+                    _add_nll(totals, f"{task}/{cond}", *summed_nll(self.model, seq, start, f))
         return {k: math.exp(v[0] / v[1]) for k, v in totals.items()} | {"documents": len(pairs)}
 
     def greedy(self, prompts: list[list[int]], factors: list[LoRAFactors] | None) -> list[str]:
@@ -195,7 +186,7 @@ class Evaluator:
             ):
                 prompt = chat_ids(self.tok, user)
                 ids = prompt + answer_ids(self.tok, rows[i]["answer"])
-                _add_nll(nlls, cond, *self.nll(ids, len(prompt) - 1, f))
+                _add_nll(nlls, cond, *summed_nll(self.model, ids, len(prompt) - 1, f))
         for cond, (total, count) in nlls.items():
             out[f"{cond}/answer_nll"] = total / count
         return out
@@ -261,6 +252,18 @@ class Evaluator:
             for cond, c in correct.items():
                 out[f"{task}/{cond}"] = 100 * c / len(rows)
         return out
+
+
+@torch.no_grad()
+def summed_nll(
+    model: nn.Module, ids: list[int], score_from: int, factors: LoRAFactors | None
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[score_from + 1:] under `model` with `factors`
+    applied, and how many tokens."""
+    with applied(factors):
+        logits = model(torch.tensor([ids])).logits[0, score_from:-1]
+    target = torch.tensor(ids[score_from + 1 :])
+    return F.cross_entropy(logits.float(), target, reduction="sum").item(), len(target)
 
 
 def _add_nll(totals: dict[str, list[float]], key: str, nll: float, count: int) -> None:
