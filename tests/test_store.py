@@ -283,8 +283,12 @@ async def test_under_lru_eviction_listing_shows_only_whole_adapters(
         kept = policy == "volatile-lru"
         assert await store.redis.zcard(index) == len(made) or not kept
         listed = {x.id for x in await store.list("")}
-        for a in made:
-            found = await store.redis.exists(*(store._key(a.info.id, p) for p in PARTS))
+        # every entry's keys counted before any read: a read slides the TTL, a write that may
+        # evict another entry's keys after it was listed
+        founds = [
+            await store.redis.exists(*(store._key(a.info.id, p) for p in PARTS)) for a in made
+        ]
+        for a, found in zip(made, founds, strict=True):
             if a.info.id in listed:
                 # whole when listed; reading it refreshes its TTL, a write that may evict again
                 assert found == len(PARTS) and await store.get(a.info.id) in (a, None)
