@@ -187,6 +187,9 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
     settings["max_model_len"] = max_model_len
     settings["kv_cache_gib"] = Settings(**settings).kv_cache_gib  # flag, environment or default
     small_kv = {**settings, "kv_cache_gib": args.small_kv_cache_gib}
+    dtypes = served_dtypes(settings)
+    pipeline = load_pipeline(args.base_model, args.generator)
+    kv_per_token = scenarios.kv_bytes_per_token(pipeline, dtypes["engine"])
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with (
         running_server(server_flags(settings), args.log) as url,
@@ -197,10 +200,10 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> None:
             small,
             {**settings, "small_kv_cache_gib": args.small_kv_cache_gib},
             sizes,
+            args.small_kv_cache_gib * 2**30 // kv_per_token,
         )
-    result["dtypes"] = served_dtypes(settings)
-    pipeline = load_pipeline(args.base_model, args.generator)
-    result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens, result["dtypes"]["engine"])
+    result["dtypes"] = dtypes
+    result["memory"] = scenarios.memory(pipeline, sizes.memory_tokens, dtypes["engine"])
     report_with_figure(result, scenarios, args)
 
 

@@ -83,10 +83,13 @@ def test_scenarios_benchmark_runs_quick(tmp_path: Path) -> None:
     assert result["beyond_max_model_len"]["tokens"] > 512  # the adapter read all of it
     assert {r["adapter_bytes"] for r in result["memory"]} == {result["memory"][0]["adapter_bytes"]}
     assert all(r["ratio"] > 0 for r in result["prefill_vs_adapt"] + result["one_document"])
-    many = result["many_documents"]
+    [many] = result["many_documents"]
     assert 0 < many["first_round_s"] <= many["adapter_s"]  # a part of the whole run
     assert many["adapts_alone_s"] > 0 and many["asks_alone_s"] > 0
+    # 1 GiB of KV cache keeps three tiny documents: the goal's premise fails, and it says so
+    assert many["kv_holds"] == 3 and many["kv_cache_tokens"] > 40_000
     assert "| 3 | 3 documents of 64 tokens" in md.read_text()
+    assert "n/a: the KV cache holds them all" in md.read_text()
     assert (tmp_path / "scenarios.png").stat().st_size > 10_000
 
 
