@@ -125,6 +125,10 @@ def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: i
     one_adapter = torch.zeros(n, 4)  # a batch of one adapter: one plain matmul
     punica_cpu.bgmv_shrink(x, a, one_adapter, torch.ones(n, dtype=torch.long), 1.0)
     torch.testing.assert_close(one_adapter, x @ a[1, 0].T)
+    with_base = torch.zeros(n, 4)  # one adapter and base rows: those still get none
+    slot_0 = rows.clamp(max=0)
+    punica_cpu.bgmv_shrink(x, a, with_base, slot_0, 1.0)
+    torch.testing.assert_close(with_base, (slot_0 == 0).unsqueeze(-1) * (x @ a[0, 0].T))
 
 
 @pytest.mark.parametrize("repeat", [1, GATHER_ROWS])
