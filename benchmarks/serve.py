@@ -52,15 +52,10 @@ def adapt_latency(client: GenerativeAdapterClient, n: int, paragraphs: int) -> d
     }
 
 
-def throughput(
-    client: GenerativeAdapterClient,
-    adapters: Sequence[str | None],
-    requests: int,
-    max_tokens: int,
-) -> dict:
+def tokens_per_s(
+    client: GenerativeAdapterClient, adapters: Sequence[str | None], requests: int, max_tokens: int
+) -> float:
     """`requests` concurrent greedy generations, spread round-robin over `adapters`."""
-    for a in set(adapters):  # warm up: vLLM loads each adapter once, not timed
-        client.generate(a, PROMPT, max_tokens=1, temperature=0)
 
     def one(i: int) -> int:
         r = client.generate(
@@ -71,16 +66,33 @@ def throughput(
     start = time.perf_counter()
     with ThreadPoolExecutor(requests) as pool:
         tokens = sum(pool.map(one, range(requests)))
-    seconds = time.perf_counter() - start
-    distinct = len({a for a in adapters if a is not None})
-    return {
-        "distinct_adapters": distinct,
-        "requests": requests,
-        "max_tokens": max_tokens,
-        "tokens": tokens,
-        "seconds": round(seconds, 2),
-        "tokens_per_s": round(tokens / seconds, 1),
-    }
+    return round(tokens / (time.perf_counter() - start), 1)
+
+
+def throughput(
+    client: GenerativeAdapterClient,
+    spreads: Sequence[Sequence[str | None]],
+    requests: int,
+    max_tokens: int,
+    rounds: int,
+) -> list[dict]:
+    """Tokens/s of each spread of adapters, measured in `rounds` interleaved rounds (every
+    spread once per round), the median kept: the base model's own tokens/s swings by 10% from
+    one run to the next here, so a ratio of two single runs says little."""
+    for a in {a for spread in spreads for a in spread}:  # vLLM loads each adapter once, untimed
+        client.generate(a, PROMPT, max_tokens=1, temperature=0)
+    runs = [[tokens_per_s(client, s, requests, max_tokens) for s in spreads] for _ in range(rounds)]
+    return [
+        {
+            "distinct_adapters": len({a for a in spread if a is not None}),
+            "requests": requests,
+            "max_tokens": max_tokens,
+            "rounds": rounds,
+            "tokens_per_s": statistics.median(r[i] for r in runs),
+            "tokens_per_s_runs": [r[i] for r in runs],
+        }
+        for i, spread in enumerate(spreads)
+    ]
 
 
 def prefill(
@@ -105,6 +117,7 @@ def run(
     url: str,
     requests: int = 16,
     max_tokens: int = 64,
+    rounds: int = 3,
     contexts: int = 5,
     paragraphs: int = 4,
     prefill_paragraphs: Sequence[int] = PREFILL_PARAGRAPHS,
@@ -116,7 +129,7 @@ def run(
         adapt = adapt_latency(client, contexts, paragraphs)
         ids = [client.adapt(context=context(100 + i, paragraphs)).adapter_id for i in range(16)]
         spreads = ([None], ids[:1], ids[:4], ids)  # 0, 1, 4 and 16 distinct adapters in flight
-        generation = [throughput(client, a, requests, max_tokens) for a in spreads]
+        generation = throughput(client, spreads, requests, max_tokens, rounds)
         prompts = [prefill(client, a, p) for p in prefill_paragraphs for a in (None, ids[0])]
     return {
         "base_model": base,
@@ -143,6 +156,7 @@ def markdown(result: dict) -> str:
         )
         rows.append(
             f"| generation, {g['requests']} concurrent x {g['max_tokens']} tokens, {who} "
+            f"(median of {g['rounds']} interleaved rounds) "
             f"| {g['tokens_per_s']} tokens/s ({g['tokens_per_s'] / base:.2f}x the base) |"
         )
     prompts = result["prefill"]

@@ -5,12 +5,13 @@ worker, which a patch made in the server's process would not reach. Only vLLM im
 vLLM's CPU ops (`vllm/lora/ops/torch_ops`) give every row (token) its adapter by copying that
 adapter's matrices for the row, then an einsum: a prefill of n tokens copies n matrices per layer
 and op (2,048 tokens: 48 ms per layer, measured, where the base layer takes about 1). Here a
-batch of more than GATHER_ROWS rows runs one matmul over the adapters it uses (at most
-`max_loras`) and keeps each row's own block; a decode step's few rows keep the per-row copy,
-as fast there. Each batch's routing is worked out once, not in every layer, and a layer's LoRA
-is applied in one call (GroupedPunicaWrapper). vLLM's ops also read a base-model row's index,
--1, as the last adapter slot: once every slot held an adapter, a base-model request batched with
-adapter requests was answered with that adapter (vLLM's GPU kernels skip such rows;
+batch whose adapter rows share one slot runs one plain matmul; a batch of more than FEW_ROWS
+rows runs one matmul over the adapters it uses (at most `max_loras`) and keeps each row's own
+block; a decode step's few rows run every slot on every row, from one matrix per layer kept
+until vLLM writes a slot. Each batch's routing is worked out once, not in every layer, and a
+layer's LoRA is applied in one call (GroupedPunicaWrapper). vLLM's ops also read a base-model
+row's index, -1, as the last adapter slot: once every slot held an adapter, a base-model request
+batched with adapter requests was answered with that adapter (vLLM's GPU kernels skip such rows;
 vllm-project/vllm#48421, open). Here such rows get no adapter at all.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +27,9 @@ import torch
 from torch import Tensor
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-GATHER_ROWS = 16  # up to this many rows, copying each row's matrices is as fast (measured)
+# Up to this many rows, every slot on every row beats gathering the slots used (16 rows of 16
+# adapters: 115 vs 314 us a layer; 64 rows of 2: 202 vs 158, measured).
+FEW_ROWS = 16
 
 
 class Routing:
@@ -43,7 +47,8 @@ class Routing:
         # 56, half of it copying and einsum, measured).
         slots = indices[~base].unique()
         self.slot = int(slots[0]) if slots.numel() == 1 else None
-        if self.n > GATHER_ROWS and self.slot is None:
+        self.row = torch.arange(self.n)
+        if self.n > FEW_ROWS and self.slot is None:
             self.used, slot_of_row = torch.unique(self.indices, return_inverse=True)
             self.block = slot_of_row.view(self.n, 1, 1)
 
@@ -51,23 +56,48 @@ class Routing:
         """Row t: weights[slot of t] @ inputs[t] in `dtype`, zero for base rows.
 
         weights: (slots, o, i), or vLLM's stacked (slots, 1, o, i); inputs (n, i) -> (n, o)."""
-        w = weights.reshape(weights.shape[0], *weights.shape[-2:])
         x = inputs.to(dtype)
         if self.base is not None:  # a delta is linear in its input: a zero row gets none
             x = x.masked_fill(self.base, 0)
-        if self.slot is not None:
-            return x @ w[self.slot].to(dtype).T
-        n, (o, i) = self.n, w.shape[1:]
-        if n <= GATHER_ROWS:
-            return torch.einsum("ni,noi->no", x, w[self.indices].to(dtype))
+        slots, (o, i) = weights.shape[0], weights.shape[-2:]
+        if self.slot is not None or self.n <= FEW_ROWS:
+            m = slot_matrix(weights, dtype)
+            if self.slot is not None:
+                s = self.slot
+                return x @ m[s * o : (s + 1) * o].T if o <= i else x @ m[s * i : (s + 1) * i]
+            if o <= i:  # shrink: every slot on every row (a few rows), then each row's own
+                return (x @ m.T).view(self.n, slots, o)[self.row, self.indices]
+            spread = x.new_zeros(self.n, slots, i)  # expand: each row's input in its slot's block
+            spread[self.row, self.indices] = x
+            return spread.view(self.n, slots * i) @ m
+        n = self.n
+        w = weights.reshape(slots, o, i)[self.used].to(dtype)  # (k, o, i): the adapters used
         k = self.used.numel()
-        w = w[self.used].to(dtype)  # (k, o, i): the adapters this batch uses
         if o <= i:  # shrink: every used adapter on every row, then each row's own block
             every = (x @ w.reshape(k * o, i).T).view(n, k, o)
             return every.gather(1, self.block.expand(n, 1, o)).squeeze(1)
         # expand: each row's input in its adapter's block, zeros elsewhere, times all adapters
         spread = x.new_zeros(n, k, i).scatter_(1, self.block.expand(n, 1, i), x.unsqueeze(1))
         return spread.view(n, k * i) @ w.transpose(1, 2).reshape(k * i, o)
+
+
+# A layer's slots as one matrix per dtype, kept while vLLM writes none of them: an in-place write
+# (vLLM loading or clearing a slot) bumps the tensor's version, and the matrix is made again.
+_SLOT_MATRICES: dict[tuple[int, torch.dtype], tuple[weakref.ref[Tensor], int, Tensor]] = {}
+
+
+def slot_matrix(weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """Every slot's (o, i) matrix of `weights` in `dtype`: stacked as (slots * o, i) for a
+    shrink (o <= i), as (slots * i, o), transposed, for an expand."""
+    key = (id(weights), dtype)
+    kept = _SLOT_MATRICES.get(key)
+    if kept is not None and kept[0]() is weights and kept[1] == weights._version:
+        return kept[2]
+    slots, (o, i) = weights.shape[0], weights.shape[-2:]
+    w = weights.reshape(slots, o, i).to(dtype)
+    m = w.reshape(slots * o, i) if o <= i else w.transpose(1, 2).reshape(slots * i, o)
+    _SLOT_MATRICES[key] = (weakref.ref(weights), weights._version, m.contiguous())
+    return _SLOT_MATRICES[key][2]
 
 
 def lora_rows(inputs: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:

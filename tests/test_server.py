@@ -113,12 +113,22 @@ def test_mixed_adapter_batch_equals_per_adapter_runs(server: Server) -> None:
 def test_serve_benchmark_runs_against_the_server(server: Server) -> None:
     """`genadapter bench serve` in miniature, so it cannot rot; no timing is asserted."""
     result = serve_benchmark.run(
-        server.url, requests=2, max_tokens=2, contexts=1, paragraphs=1, prefill_paragraphs=(1,)
+        server.url,
+        requests=2,
+        max_tokens=2,
+        rounds=2,
+        contexts=1,
+        paragraphs=1,
+        prefill_paragraphs=(1,),
     )
     assert [g["distinct_adapters"] for g in result["generation"]] == [0, 1, 4, 16]
+    for g in result["generation"]:  # each spread measured once per round; the median kept
+        assert len(g["tokens_per_s_runs"]) == 2
+        assert min(g["tokens_per_s_runs"]) <= g["tokens_per_s"] <= max(g["tokens_per_s_runs"])
     assert [p["adapter"] for p in result["prefill"]] == [False, True]
     assert all(p["prompt_tokens"] > 100 and p["ms"] > 0 for p in result["prefill"])
     assert "1 token out, base model / with an adapter" in serve_benchmark.markdown(result)
+    assert "(median of 2 interleaved rounds)" in serve_benchmark.markdown(result)
 
 
 def test_openai_client_chat_completions_and_models(server: Server) -> None:

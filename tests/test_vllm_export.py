@@ -15,7 +15,7 @@ from generator.base_model import BaseModel, native_bfloat16
 from generator.pipeline import save_generator
 from server.settings import Settings
 from server.vllm_cpu_lora import (
-    GATHER_ROWS,
+    FEW_ROWS,
     GroupedPunicaWrapper,
     Routing,
     VllmLoRAOpsChanged,
@@ -93,7 +93,7 @@ def test_cli_adapter_is_served_by_vllm_like_peft(smollm2: BaseModel, tmp_path: P
     assert served_ids == peft_greedy(smollm2, adapter, prompts, 20)
 
 
-@pytest.mark.parametrize("repeat", [1, GATHER_ROWS])  # a decode step's few rows; a prefill's
+@pytest.mark.parametrize("repeat", [1, FEW_ROWS])  # a decode step's few rows; a prefill's
 def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: int) -> None:
     """vLLM's CPU LoRA ops read a base-model row's index, -1, as the last adapter slot; ours give
     such a row no delta, and each adapter row its own, decoding and prefilling, whether rows
@@ -122,6 +122,10 @@ def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: i
     by_name = torch.ones(n, 8)
     punica_cpu.bgmv_expand(shrunk, b, by_name, rows, add_inputs=True)  # as the logits layer calls
     torch.testing.assert_close(by_name, out)
+    a[1] += 1  # vLLM loads another adapter into slot 1, in place: the kept matrices follow
+    again = torch.zeros(n, 4)
+    punica_cpu.bgmv_shrink(x, a, again, rows, 1.0)
+    torch.testing.assert_close(again[rows == 1], x[rows == 1] @ a[1, 0].T)
     one_adapter = torch.zeros(n, 4)  # a batch of one adapter: one plain matmul
     punica_cpu.bgmv_shrink(x, a, one_adapter, torch.ones(n, dtype=torch.long), 1.0)
     torch.testing.assert_close(one_adapter, x @ a[1, 0].T)
@@ -131,7 +135,7 @@ def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: i
     torch.testing.assert_close(with_base, (slot_0 == 0).unsqueeze(-1) * (x @ a[0, 0].T))
 
 
-@pytest.mark.parametrize("repeat", [1, GATHER_ROWS])
+@pytest.mark.parametrize("repeat", [1, FEW_ROWS])
 def test_our_punica_wrapper_adds_each_rows_adapter_once_per_layer(repeat: int) -> None:
     use_our_cpu_lora_ops()
     from vllm.platforms import current_platform
