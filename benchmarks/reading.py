@@ -7,7 +7,6 @@ adapt time, and what the adapter carries, the base model's NLL with it of the co
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from benchmarks.report import environment
 from generator.model import AdapterGenerator, LoRAFactors
 from generator.pipeline import AdapterPipeline
 from generator.training.data import brown_rows_of, split_of
-from generator.training.evaluate import summed_nll
+from generator.training.evaluate import bootstrap_interval, summed_nll
 
 SECTION = "bench reading"
 RECONSTRUCTED = 512  # tokens of the context's start scored with its adapter
@@ -51,11 +50,14 @@ def nll(pipeline: AdapterPipeline, factors: LoRAFactors | None, ids: list[int]) 
 def paired(a: list[float], b: list[float], seed: int = 0) -> dict:
     """Mean of b - a per document, its 95% bootstrap interval, and how often b is lower."""
     diffs = [y - x for x, y in zip(a, b, strict=True)]
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(2000))
+
+    def mean(idx: list[int]) -> float:
+        return sum(diffs[i] for i in idx) / len(idx)
+
+    low, high = bootstrap_interval(mean, len(diffs), seed)
     return {
         "mean": round(sum(diffs) / len(diffs), 4),
-        "ci95": [round(means[50], 4), round(means[1949], 4)],
+        "ci95": [round(low, 4), round(high, 4)],
         "lower_for": sum(d < 0 for d in diffs),
     }
 

@@ -17,6 +17,7 @@ import re
 import string
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -374,19 +375,26 @@ def gain_recovered(
         a = sum(adapter[i] for i in idx) / len(idx)
         return (a - c) / (1 - c) if c < 1 else math.nan
 
-    n, rng = len(closed), random.Random(seed)
+    low, high = bootstrap_interval(gain, len(closed), seed)
+    if math.isnan(low):
+        return math.nan, math.nan, math.nan
+    return gain(list(range(len(closed)))), low, high
+
+
+def bootstrap_interval(
+    statistic: Callable[[list[int]], float], n: int, seed: int = 0
+) -> tuple[float, float]:
+    """95% bootstrap interval of `statistic` of n items (given the indices of a resample, drawn
+    with replacement); resamples where it is NaN are left out, and (NaN, NaN) if all are."""
+    rng = random.Random(seed)
     samples = sorted(
         g
-        for g in (gain([rng.randrange(n) for _ in range(n)]) for _ in range(BOOTSTRAP_SAMPLES))
+        for g in (statistic([rng.randrange(n) for _ in range(n)]) for _ in range(BOOTSTRAP_SAMPLES))
         if not math.isnan(g)
     )
     if not samples:
-        return math.nan, math.nan, math.nan
-    return (
-        gain(list(range(n))),
-        samples[int(0.025 * len(samples))],
-        samples[int(0.975 * len(samples)) - 1],
-    )
+        return math.nan, math.nan
+    return samples[int(0.025 * len(samples))], samples[int(0.975 * len(samples)) - 1]
 
 
 def evaluate(pipeline: AdapterPipeline, config: EvalConfig) -> dict[str, dict[str, float]]:
