@@ -5,14 +5,14 @@ worker, which a patch made in the server's process would not reach. Only vLLM im
 vLLM's CPU ops (`vllm/lora/ops/torch_ops`) give every row (token) its adapter by copying that
 adapter's matrices for the row, then an einsum: a prefill of n tokens copies n matrices per layer
 and op (2,048 tokens: 48 ms per layer, measured, where the base layer takes about 1). Here a
-batch whose adapter rows share one slot runs one plain matmul; a batch of more than FEW_ROWS
-rows runs one matmul over the adapters it uses (at most `max_loras`) and keeps each row's own
-block; a decode step's few rows run every slot on every row, from one matrix per layer kept
-until vLLM writes a slot. Each batch's routing is worked out once, not in every layer, and a
-layer's LoRA is applied in one call (GroupedPunicaWrapper). vLLM's ops also read a base-model
-row's index, -1, as the last adapter slot: once every slot held an adapter, a base-model request
-batched with adapter requests was answered with that adapter (vLLM's GPU kernels skip such rows;
-vllm-project/vllm#48421, open). Here such rows get no adapter at all.
+batch whose adapter rows share one slot runs plain matmuls with that slot's matrices; otherwise
+one matmul runs every adapter computed (a decode step's few rows: every slot; more rows: the ones
+they use) on every row, and a one-hot weight keeps each row's own. The slots' matrices are kept
+per layer, rank first, until vLLM writes a slot. Each batch's routing is worked out once, not in
+every layer, and a layer's LoRA is applied in one call (GroupedPunicaWrapper). vLLM's ops also
+read a base-model row's index, -1, as the last adapter slot: once every slot held an adapter, a
+base-model request batched with adapter requests was answered with that adapter (vLLM's GPU
+kernels skip such rows; vllm-project/vllm#48421, open). Here such rows get no adapter at all.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ import torch
 from torch import Tensor
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-# Up to this many rows, every slot on every row beats gathering the slots used (16 rows of 16
-# adapters: 115 vs 314 us a layer; 64 rows of 2: 202 vs 158, measured).
+# Up to this many rows (a decode step), the LoRA math runs in float32 on every slot at once, from
+# matrices kept per layer: a tiny float32 matmul costs 3-6 us where a bfloat16 one costs 17 (its
+# oneDNN call), and every slot in one matmul beats gathering the slots used (8 rows on 8
+# adapters: 125 -> 79 us a layer; one adapter 54 -> 25 us, measured). More rows (a prefill) run
+# the adapters they use, the expand in the model's dtype (1,024 rows: 3x faster than float32).
 FEW_ROWS = 16
 
 
@@ -39,69 +42,81 @@ class Routing:
     def __init__(self, indices: Tensor) -> None:
         base = indices < 0
         self.none = bool(base.all())  # no row has an adapter
-        self.base = base.unsqueeze(-1) if bool(base.any()) else None
-        self.indices = indices.clamp(min=0)
         self.n = indices.shape[0]
-        # The common batch: every adapter row uses one slot. A plain matmul with that slot's
-        # matrices then serves every row (a single-request decode step: LoRA took 8 ms of its
-        # 56, half of it copying and einsum, measured).
-        slots = indices[~base].unique()
-        self.slot = int(slots[0]) if slots.numel() == 1 else None
-        self.row = torch.arange(self.n)
-        if self.n > FEW_ROWS and self.slot is None:
-            self.used, slot_of_row = torch.unique(self.indices, return_inverse=True)
-            self.block = slot_of_row.view(self.n, 1, 1)
+        self.few = self.n <= FEW_ROWS
+        used = indices[~base].unique()
+        # The common batch: every adapter row uses one slot (every single request; one user's
+        # questions about one document): plain matmuls with that slot's matrices.
+        self.slot = int(used[0]) if used.numel() == 1 else None
+        self.base = base.unsqueeze(-1) if bool(base.any()) else None
+        # Otherwise each row's slot as a one-hot weight over the slots computed (every slot for
+        # a few rows, else the used ones), zero for base rows: (n, slots, 1).
+        self.used = None if self.few else used
+        rows = (~base).nonzero().squeeze(-1)
+        self._rows = rows, indices[rows] if self.few else torch.searchsorted(used, indices[rows])
+        self._onehot: Tensor | None = None
 
-    def rows(self, inputs: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
-        """Row t: weights[slot of t] @ inputs[t] in `dtype`, zero for base rows.
+    def onehot(self, slots: int) -> Tensor:
+        """(n, slots, 1): 1 at each adapter row's slot (of those computed), else 0."""
+        if self._onehot is None or self._onehot.shape[1] != slots:
+            self._onehot = torch.zeros(self.n, slots, 1)
+            self._onehot[self._rows] = 1.0
+        return self._onehot
 
-        weights: (slots, o, i), or vLLM's stacked (slots, 1, o, i); inputs (n, i) -> (n, o)."""
-        x = inputs.to(dtype)
-        if self.base is not None:  # a delta is linear in its input: a zero row gets none
-            x = x.masked_fill(self.base, 0)
-        slots, (o, i) = weights.shape[0], weights.shape[-2:]
-        if self.slot is not None or self.n <= FEW_ROWS:
-            m = slot_matrix(weights, dtype)
-            if self.slot is not None:
-                s = self.slot
-                return x @ m[s * o : (s + 1) * o].T if o <= i else x @ m[s * i : (s + 1) * i]
-            if o <= i:  # shrink: every slot on every row (a few rows), then each row's own
-                return (x @ m.T).view(self.n, slots, o)[self.row, self.indices]
-            spread = x.new_zeros(self.n, slots, i)  # expand: each row's input in its slot's block
-            spread[self.row, self.indices] = x
-            return spread.view(self.n, slots * i) @ m
-        n = self.n
-        w = weights.reshape(slots, o, i)[self.used].to(dtype)  # (k, o, i): the adapters used
-        k = self.used.numel()
-        if o <= i:  # shrink: every used adapter on every row, then each row's own block
-            every = (x @ w.reshape(k * o, i).T).view(n, k, o)
-            return every.gather(1, self.block.expand(n, 1, o)).squeeze(1)
-        # expand: each row's input in its adapter's block, zeros elsewhere, times all adapters
-        spread = x.new_zeros(n, k, i).scatter_(1, self.block.expand(n, 1, i), x.unsqueeze(1))
-        return spread.view(n, k * i) @ w.transpose(1, 2).reshape(k * i, o)
+    def _matrices(self, weights: Tensor, dtype: torch.dtype) -> Tensor:
+        """The slots computed: (slots, r, d), each slot's matrix with its rank first."""
+        kept = slot_matrices(weights, dtype)
+        return kept if self.used is None else kept[self.used]
+
+    def shrink(self, x: Tensor, a: Tensor) -> Tensor:
+        """Row t: A[slot of t] x[t] in float32 (as vLLM's), zero for base rows; (n, r)."""
+        x = x.float()
+        if self.slot is not None:
+            if self.base is not None:  # a delta is linear in its input: a zero row gets none
+                x = x.masked_fill(self.base, 0)
+            return x @ slot_matrices(a, torch.float32)[self.slot].T
+        return self._spread(x, a).sum(1)
+
+    def expand(self, z: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+        """Row t: B[slot of t] z[t], (n, o): in float32 for a few rows, else in `dtype`."""
+        dt = torch.float32 if self.few else dtype
+        if self.slot is not None:
+            return z.to(dt) @ slot_matrices(b, dt)[self.slot]
+        m = self._matrices(b, dt)
+        spread = z.to(dt).unsqueeze(1) * self.onehot(m.shape[0]).to(dt)
+        return spread.flatten(1) @ m.flatten(0, 1)
+
+    def delta(self, x: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+        """expand(shrink(x)): without summing each row's slot out and spreading it back."""
+        if self.slot is not None:
+            return self.expand(self.shrink(x, a), b, dtype)
+        dt = torch.float32 if self.few else dtype
+        return self._spread(x.float(), a).to(dt).flatten(1) @ self._matrices(b, dt).flatten(0, 1)
+
+    def _spread(self, x: Tensor, a: Tensor) -> Tensor:
+        """Every computed slot's A on every row, zero but the row's own: (n, slots, r)."""
+        m = self._matrices(a, torch.float32)
+        slots, r, _ = m.shape
+        return (x @ m.flatten(0, 1).T).view(self.n, slots, r).mul_(self.onehot(slots))
 
 
-# A layer's slots as one matrix per dtype, kept while vLLM writes none of them: an in-place write
-# (vLLM loading or clearing a slot) bumps the tensor's version, and the matrix is made again.
+# A layer's slots in each dtype, kept while vLLM writes none of them: an in-place write (vLLM
+# loading or clearing a slot) bumps the tensor's version, and they are made again.
 _SLOT_MATRICES: dict[tuple[int, torch.dtype], tuple[weakref.ref[Tensor], int, Tensor]] = {}
 
 
-def slot_matrix(weights: Tensor, dtype: torch.dtype) -> Tensor:
-    """Every slot's (o, i) matrix of `weights` in `dtype`: stacked as (slots * o, i) for a
-    shrink (o <= i), as (slots * i, o), transposed, for an expand."""
+def slot_matrices(weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """vLLM's stacked (slots, 1, o, i) LoRA weights as (slots, r, d) in `dtype`, rank first:
+    A (r, i) as it is, B (o, r) transposed."""
     key = (id(weights), dtype)
     kept = _SLOT_MATRICES.get(key)
     if kept is not None and kept[0]() is weights and kept[1] == weights._version:
         return kept[2]
     slots, (o, i) = weights.shape[0], weights.shape[-2:]
     w = weights.reshape(slots, o, i).to(dtype)
-    m = w.reshape(slots * o, i) if o <= i else w.transpose(1, 2).reshape(slots * i, o)
-    _SLOT_MATRICES[key] = (weakref.ref(weights), weights._version, m.contiguous())
-    return _SLOT_MATRICES[key][2]
-
-
-def lora_rows(inputs: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
-    return Routing(indices).rows(inputs, weights, dtype)
+    m = (w if o <= i else w.transpose(1, 2)).contiguous()
+    _SLOT_MATRICES[key] = (weakref.ref(weights), weights._version, m)
+    return m
 
 
 class GroupedPunicaWrapper(PunicaWrapperCPU):
@@ -133,10 +148,10 @@ class GroupedPunicaWrapper(PunicaWrapperCPU):
         x = x.view(-1, x.shape[-1])
         offset = 0
         for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-            shrunk = self.routing.rows(x, a, torch.float32)
+            delta = self.routing.delta(x, a, b, y.dtype)
             if scale != 1.0:  # ours fold their scaling into B: 1
-                shrunk = shrunk * scale
-            y[:, offset : offset + size] += self.routing.rows(shrunk, b, y.dtype)
+                delta = delta * scale
+            y[:, offset : offset + size] += delta
             offset += size
 
 
@@ -151,7 +166,7 @@ def bgmv_shrink(
     lora_indices_tensor: Tensor,
     scaling: float = 1.0,
 ) -> None:
-    outputs = lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = Routing(lora_indices_tensor).shrink(inputs, lora_b_weights)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
@@ -162,7 +177,7 @@ def bgmv_expand(
     lora_indices_tensor: Tensor,
     add_inputs: bool = True,
 ) -> None:
-    outputs = lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = Routing(lora_indices_tensor).expand(inputs, lora_b_weights, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -180,7 +195,7 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ) -> None:
-    outputs = lora_rows(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = Routing(lora_indices_tensor).expand(inputs, lora_b_weights, output_tensor.dtype)
     _write(output_tensor[:, slice_offset : slice_offset + slice_size], outputs, add_inputs)
 
 

@@ -96,8 +96,8 @@ def test_cli_adapter_is_served_by_vllm_like_peft(smollm2: BaseModel, tmp_path: P
 @pytest.mark.parametrize("repeat", [1, FEW_ROWS])  # a decode step's few rows; a prefill's
 def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: int) -> None:
     """vLLM's CPU LoRA ops read a base-model row's index, -1, as the last adapter slot; ours give
-    such a row no delta, and each adapter row its own, decoding and prefilling, whether rows
-    copy their matrices (few rows) or share one matmul (many)."""
+    such a row no delta, and each adapter row its own, decoding and prefilling, whether every
+    slot is computed (few rows) or the slots used (many)."""
     use_our_cpu_lora_ops()
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
@@ -135,8 +135,11 @@ def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: i
     torch.testing.assert_close(with_base, (slot_0 == 0).unsqueeze(-1) * (x @ a[0, 0].T))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the engine's
 @pytest.mark.parametrize("repeat", [1, FEW_ROWS])
-def test_our_punica_wrapper_adds_each_rows_adapter_once_per_layer(repeat: int) -> None:
+def test_our_punica_wrapper_adds_each_rows_adapter_once_per_layer(
+    repeat: int, dtype: torch.dtype
+) -> None:
     use_our_cpu_lora_ops()
     from vllm.platforms import current_platform
 
@@ -145,17 +148,29 @@ def test_our_punica_wrapper_adds_each_rows_adapter_once_per_layer(repeat: int) -
     rows = torch.tensor([-1, 0, 1] * repeat)
     x, n = torch.randn(len(rows), 8), len(rows)
     a, b = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 6, 4)  # two slices: outputs 6 and 6
+    x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)  # the engine's; by hand in float32
+    xf, af, bf = x.float(), a.float(), b.float()
+    by_hand = torch.stack(
+        [
+            torch.zeros(6) if s < 0 else 0.5 * bf[s, 0] @ (af[s, 0] @ xf[i])
+            for i, s in enumerate(rows)
+        ]
+    )
     wrapper = GroupedPunicaWrapper(64, 8, "cpu")
     wrapper.routing = Routing(rows)
-    y = torch.ones(n, 12)
+    y = torch.ones(n, 12, dtype=dtype)
     wrapper.add_lora_linear(y, x, (a, a), (b, b), 0.5, (6, 6))
-    by_hand = torch.stack(
-        [torch.zeros(6) if s < 0 else 0.5 * b[s, 0] @ (a[s, 0] @ x[i]) for i, s in enumerate(rows)]
+    rtol, atol = (0.02, 0.05) if dtype == torch.bfloat16 else (None, None)  # None: defaults
+    torch.testing.assert_close(
+        y.float() - 1, torch.cat([by_hand, by_hand], dim=1), rtol=rtol, atol=atol
     )
-    torch.testing.assert_close(y - 1, torch.cat([by_hand, by_hand], dim=1))
+    before = y.clone()
     wrapper.routing = Routing(torch.full((n,), -1))  # no row has an adapter: nothing added
     wrapper.add_lora_linear(y, x, (a,), (b,), 1.0, (6,))
-    torch.testing.assert_close(y - 1, torch.cat([by_hand, by_hand], dim=1))
+    torch.testing.assert_close(y, before)
+    one = Routing(torch.ones(n, dtype=torch.long))  # one adapter: plain matmuls
+    delta = one.delta(x, a, b, dtype).float()
+    torch.testing.assert_close(delta, xf @ af[1, 0].T @ bf[1, 0].T, rtol=rtol, atol=atol)
 
 
 def test_our_cpu_lora_ops_refuse_a_vllm_whose_ops_changed(monkeypatch: pytest.MonkeyPatch) -> None:
