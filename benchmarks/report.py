@@ -19,11 +19,26 @@ PARAGRAPH = (
 )
 
 
+BFLOAT16_UNITS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"))  # best first
+
+
+def cpu() -> str:
+    """The CPU's model and its bfloat16 unit: the engine and the generator both compute in
+    bfloat16 where the CPU has one, and how fast (AMX or AVX-512 BF16) moves every ratio."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    features = set(flags.group(1).split()) if flags else set()
+    unit = next((name for flag, name in BFLOAT16_UNITS if flag in features), "no native bfloat16")
+    return f"{model.group(1).strip() if model else platform.machine()} ({unit})"
+
+
 def environment() -> dict:
     """Where and when: other work on the machine skews every number, so its load is recorded."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "machine": f"{cpu()}, {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
     }
 

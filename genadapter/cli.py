@@ -151,7 +151,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
         with running_server(server_flags(settings), args.log) as url:
             result = serve.run(url, args.requests, args.max_tokens)
         result["dtypes"] = served_dtypes(settings)
-    report(result, serve.markdown(result), serve.SECTION, args)
+    report_with_figure(result, serve, args)
 
 
 def served_dtypes(settings: dict[str, Any]) -> dict[str, str]:

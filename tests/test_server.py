@@ -110,7 +110,7 @@ def test_mixed_adapter_batch_equals_per_adapter_runs(server: Server) -> None:
     assert together == [alone[x] for x in adapters]
 
 
-def test_serve_benchmark_runs_against_the_server(server: Server) -> None:
+def test_serve_benchmark_runs_against_the_server(server: Server, tmp_path: Path) -> None:
     """`genadapter bench serve` in miniature, so it cannot rot; no timing is asserted."""
     result = serve_benchmark.run(
         server.url,
@@ -127,8 +127,11 @@ def test_serve_benchmark_runs_against_the_server(server: Server) -> None:
         assert min(g["tokens_per_s_runs"]) <= g["tokens_per_s"] <= max(g["tokens_per_s_runs"])
     assert [p["adapter"] for p in result["prefill"]] == [False, True]
     assert all(p["prompt_tokens"] > 100 and p["ms"] > 0 for p in result["prefill"])
-    assert "1 token out, base model / with an adapter" in serve_benchmark.markdown(result)
-    assert "(median of 2 interleaved rounds)" in serve_benchmark.markdown(result)
+    table = serve_benchmark.markdown(result, "serve.png")
+    assert "1 token out, base model / with an adapter" in table
+    assert "(median of 2 interleaved rounds)" in table and "![" in table
+    serve_benchmark.plot(result, tmp_path / "serve.png")
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
 
 
 def test_openai_client_chat_completions_and_models(server: Server) -> None:
