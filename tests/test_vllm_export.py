@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import cast
 
@@ -21,6 +22,7 @@ from server.vllm_cpu_lora import (
     VllmLoRAOpsChanged,
     use_our_cpu_lora_ops,
 )
+from server.vllm_cpu_queues import SPIN_S, VllmQueuesChanged, spin_briefly
 from server.vllm_env import apply_vllm_env, engine_dtype
 from tests.conftest import random_generator
 
@@ -185,6 +187,47 @@ def test_our_cpu_lora_ops_refuse_a_vllm_whose_ops_changed(monkeypatch: pytest.Mo
             use_our_cpu_lora_ops()
     finally:
         use_our_cpu_lora_ops.cache_clear()
+
+
+def test_vllms_queue_readers_spin_briefly(tmp_path: Path) -> None:
+    """Our plugin, registered with vLLM, makes a reader of its shared-memory queues spin 10 ms
+    after a message (vLLM's own: 1 s) before it sleeps."""
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    plugins = entry_points(group="vllm.general_plugins")
+    assert "server.vllm_cpu_queues:spin_briefly" in [p.value for p in plugins]
+    spin_briefly()
+    context = zmq.Context()
+    try:
+        address = f"ipc://{tmp_path / 'notify'}"
+        writer = SpinCondition(is_reader=False, context=context, notify_address=address)
+        reader = SpinCondition(is_reader=True, context=context, notify_address=address)
+        assert reader.busy_loop_s == SPIN_S
+        told = SpinCondition(True, context, address, busy_loop_s=2.0)  # as vLLM may name it
+        assert told.busy_loop_s == 2.0
+        for condition in (writer, reader, told):
+            for socket in (condition.local_notify_socket, condition.read_cancel_socket):
+                if socket is not None:
+                    socket.close()
+    finally:
+        context.destroy()
+
+
+def test_our_queue_plugin_refuses_a_vllm_whose_queues_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    def __init__(self: object, is_reader: bool) -> None: ...
+
+    monkeypatch.setattr(SpinCondition, "__init__", __init__)
+    spin_briefly.cache_clear()
+    try:
+        with pytest.raises(VllmQueuesChanged, match="busy_loop_s"):
+            spin_briefly()
+    finally:
+        spin_briefly.cache_clear()
 
 
 def test_engine_dtype_auto_follows_the_cpu() -> None:
