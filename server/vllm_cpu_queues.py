@@ -2,16 +2,15 @@
 vLLM's 1 s before they sleep. Run by vLLM as a plugin (pyproject.toml's entry point) in each of
 its processes. Only vLLM imports it.
 
-A reader of those queues (the engine core waiting for its worker's output, the worker waiting for
-the next step) loops on `sched_yield` for `busy_loop_s` after each message, then sleeps until the
-writer's notification. On a 2-core CPU the spinning took cores from whatever computed next: from
-the worker's own threads while the engine core waited out each decode step, and from the
-generator reading a context right after an engine step. Measured here (AMD EPYC, 2 cores), 1 s
--> 10 ms: `bench serve` 16 concurrent generations, base model 301-313 -> 350 tokens/s, with 1 /
-4 / 16 adapters 286-299 / 272-274 / 260-261 -> 328 / 282 / 279; a 300-token adapt right after a
-prefill 0.36-0.37 s (outliers to 0.53) -> 0.30-0.32 s. Never spinning (0) stalled generation to
-43 tokens/s: a notification lost between two quick messages leaves a sleeping reader waiting for
-vLLM's 5 s recheck, which a short spin still covers (the second message is there when it looks).
+A reader of those queues (the worker waiting for the next step, the engine core waiting for its
+worker's output) loops on `sched_yield` for `busy_loop_s` after each message, then sleeps until
+the writer's notification. On a 2-core CPU that took a core from whatever computed next, such as
+the generator reading a context right after the engine's last step. Measured here (AMD EPYC, 2
+cores): in the 0.9 s after a one-token request, vLLM's worker used 0.91 s of CPU with vLLM's 1 s,
+0.02 s with 10 ms; a 300-token adapt right after a prefill took 0.36-0.37 s (outliers to 0.53)
+with 1 s, 0.30-0.32 s with 10 ms. Never spinning (0) stalled generation to 43 tokens/s: a
+notification lost between two quick messages leaves a sleeping reader waiting for vLLM's 5 s
+recheck, which a short spin still covers (the second message is there when it looks).
 """
 
 from __future__ import annotations
