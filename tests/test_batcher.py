@@ -36,12 +36,13 @@ def batches(maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def assert_same_adapter(a: MadeAdapter, b: MadeAdapter) -> None:
-    """Equal up to float rounding: a batched matmul sums in another order than a single one."""
+    """Equal up to float rounding: a batched matmul sums in another order than a single one,
+    and the SVD can magnify it (up to 4e-4 relative seen on an AMD EPYC, 1e-4 on a Xeon)."""
     assert a.tokens == b.tokens
     ta, tb = load(a.peft), load(b.peft)
     assert ta.keys() == tb.keys()
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ta[k], tb[k], rtol=1e-3, atol=1e-5)
 
 
 async def test_contexts_adapted_at_once_share_batches_and_equal_alone(
