@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import cast
@@ -181,12 +182,19 @@ def test_our_cpu_lora_ops_refuse_a_vllm_whose_ops_changed(monkeypatch: pytest.Mo
     def bgmv_shrink(inputs: torch.Tensor, weights: torch.Tensor) -> None: ...
 
     monkeypatch.setattr(lora_ops, "bgmv_shrink", bgmv_shrink)
-    use_our_cpu_lora_ops.cache_clear()
+    assert_refuses(use_our_cpu_lora_ops, VllmLoRAOpsChanged, "bgmv_shrink")
+
+
+def assert_refuses(
+    plugin: functools._lru_cache_wrapper[None], error: type[Exception], match: str
+) -> None:
+    """`plugin`, run afresh, raises `error`; run afresh again after."""
+    plugin.cache_clear()
     try:
-        with pytest.raises(VllmLoRAOpsChanged, match="bgmv_shrink"):
-            use_our_cpu_lora_ops()
+        with pytest.raises(error, match=match):
+            plugin()
     finally:
-        use_our_cpu_lora_ops.cache_clear()
+        plugin.cache_clear()
 
 
 def test_vllms_queue_readers_spin_briefly(tmp_path: Path) -> None:
@@ -201,17 +209,12 @@ def test_vllms_queue_readers_spin_briefly(tmp_path: Path) -> None:
     context = zmq.Context()
     try:
         address = f"ipc://{tmp_path / 'notify'}"
-        writer = SpinCondition(is_reader=False, context=context, notify_address=address)
         reader = SpinCondition(is_reader=True, context=context, notify_address=address)
         assert reader.busy_loop_s == SPIN_S
         told = SpinCondition(True, context, address, busy_loop_s=2.0)  # as vLLM may name it
         assert told.busy_loop_s == 2.0
-        for condition in (writer, reader, told):
-            for socket in (condition.local_notify_socket, condition.read_cancel_socket):
-                if socket is not None:
-                    socket.close()
     finally:
-        context.destroy()
+        context.destroy(linger=0)  # closes the readers' sockets
 
 
 def test_our_queue_plugin_refuses_a_vllm_whose_queues_changed(
@@ -222,12 +225,7 @@ def test_our_queue_plugin_refuses_a_vllm_whose_queues_changed(
     def __init__(self: object, is_reader: bool) -> None: ...
 
     monkeypatch.setattr(SpinCondition, "__init__", __init__)
-    spin_briefly.cache_clear()
-    try:
-        with pytest.raises(VllmQueuesChanged, match="busy_loop_s"):
-            spin_briefly()
-    finally:
-        spin_briefly.cache_clear()
+    assert_refuses(spin_briefly, VllmQueuesChanged, "busy_loop_s")
 
 
 def test_engine_dtype_auto_follows_the_cpu() -> None:
