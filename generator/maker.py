@@ -19,6 +19,7 @@ from generator.base_model import (
     cache_root,
     load_tokenizer,
     native_bfloat16,
+    pack_linears,
     reading_dtype,
     tokenize,
 )
@@ -149,8 +150,11 @@ def load_maker(
     dtype: ReadingDType = "auto",
 ) -> AdapterMaker:
     """The base model, reading in `dtype`, and a generator (default: the shipped one) behind
-    the narrow interface."""
-    return AdapterMaker(load_pipeline(base_model, generator_dir, reading_dtype(dtype)))
+    the narrow interface. A maker only reads (no gradients): its decoder's bfloat16 weights
+    are packed for the CPU's matmuls."""
+    pipeline = load_pipeline(base_model, generator_dir, reading_dtype(dtype))
+    pack_linears(pipeline.base.model.get_decoder())
+    return AdapterMaker(pipeline)
 
 
 def load_served_model(

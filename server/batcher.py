@@ -15,7 +15,7 @@ Between passes the thread also lets the engine's requests in flight finish first
 `adapt_yield_s`: the engine (other processes) and the generator each use every core, and
 computing at once, each slowed the other more than twice (measured, 2 cores: 64 documents each
 adapted then asked took 61 s; the same adapts alone 19.5 s, the same questions alone 10.5 s). A
-pass of many contexts runs as forwards of at most PASS_TOKENS tokens with that wait before each:
+pass of many contexts runs as forwards of at most `pass_tokens` tokens with that wait before each:
 one forward of 8 contexts of 512 tokens took about 2 s, all of it beside the questions that
 arrived meanwhile.
 """
@@ -36,9 +36,6 @@ from generator.maker import AdapterMaker, MadeAdapter, Reading
 log = logging.getLogger(__name__)
 
 ENGINE_POLL_S = 0.005  # how often a waiting pass looks whether the engine is done
-# Tokens in one forward of the generator: past about a thousand, a larger batch reads no faster
-# (8 contexts of 256 tokens: 1.08x as fast at once as one after another, measured).
-PASS_TOKENS = 1024
 
 
 @dataclass
@@ -65,10 +62,11 @@ class _Job:
 
 class AdaptBatcher:
     """One thread loads the generator (`load`) and runs it for every adapt of the server, up to
-    `max_batch` contexts at a time; callers await their own adapter."""
+    `max_batch` contexts at a time, in forwards of at most `pass_tokens` tokens (None: one
+    forward per pass); callers await their own adapter."""
 
     def __init__(
-        self, load: Callable[[], AdapterMaker], max_batch: int, pass_tokens: int = PASS_TOKENS
+        self, load: Callable[[], AdapterMaker], max_batch: int, pass_tokens: int | None = None
     ) -> None:
         self._max_batch = max_batch
         self._pass_tokens = pass_tokens
@@ -151,7 +149,7 @@ class AdaptBatcher:
         tokens = 0
         for reading in readings:
             n = maker.pass_tokens(reading)
-            if groups[-1] and tokens + n > self._pass_tokens:
+            if groups[-1] and self._pass_tokens is not None and tokens + n > self._pass_tokens:
                 groups.append([])
                 tokens = 0
             groups[-1].append(reading)

@@ -53,7 +53,7 @@ def create_app(
                 load_served_model, settings.base_model, settings.generator
             )
         else:  # the generator's thread loads it (server.batcher says why)
-            batcher = AdaptBatcher(load_generator, settings.adapt_batch)
+            batcher = AdaptBatcher(load_generator, settings.adapt_batch, settings.adapt_pass_tokens)
             model = await batcher.loaded()
         adapter_store = store or open_store(settings)
         app.state.settings = settings

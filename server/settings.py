@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         description="longest a pass of adapting waits for the engine's requests in flight to "
         "finish first (0: never waits)",
     )
+    adapt_pass_tokens: int = Field(
+        2048,
+        gt=0,
+        description="most context tokens the generator reads in one forward; before each it "
+        "lets the engine go first (adapt_yield_s)",
+    )
     adapt_dtype: AdaptDType = Field(
         "auto",
         description="dtype the generator reads contexts in; auto: bfloat16 where the CPU has it "

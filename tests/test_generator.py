@@ -9,11 +9,19 @@ from typing import get_args
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load
 from transformers import AutoModelForCausalLM
 
-from generator.base_model import BaseModel, ReadingDType, reading_dtype
+from generator.base_model import (
+    BaseModel,
+    PackedLinear,
+    ReadingDType,
+    pack_linears,
+    reading_dtype,
+)
 from generator.config import GeneratorConfig
-from generator.lora import PEFT_CONFIG_FILE, applied, write_peft_folder
+from generator.lora import PEFT_CONFIG_FILE, applied, peft_tensors, write_peft_folder
+from generator.maker import load_maker
 from generator.model import AdapterGenerator, LoRAFactors, State, _svd_factors
 from generator.pipeline import (
     DEFAULT_GENERATOR_DIR,
@@ -21,7 +29,6 @@ from generator.pipeline import (
     EmptyContextError,
     GeneratorError,
     load_generator,
-    load_pipeline,
     save_generator,
     state_from_bytes,
 )
@@ -247,14 +254,29 @@ def test_smollm2_reads_in_bfloat16_as_in_float32(smollm2: BaseModel) -> None:
     """The server reads in bfloat16 where the CPU has it: the adapter must be the same one,
     under its own id."""
     full = AdapterPipeline(smollm2, load_generator(DEFAULT_GENERATOR_DIR))
-    half = load_pipeline(dtype=torch.bfloat16)
+    half = load_maker(dtype="bfloat16")  # as the server reads: its weights packed
     text = "Marren Renkapel was born in 1965 in Peldrogan, a town on the river Ost. " * 12
-    a, b = full.adapt(text).factors, half.adapt(text).factors
+    a, b = peft_tensors(full.adapt(text).factors), load(half.make(half.tokenize(text)).peft)
     cosines = []
-    for name in a:
-        delta_a, delta_b = (f[name][1][0] @ f[name][0][0] for f in (a, b))
+    for name in (k for k in a if ".lora_A." in k):
+        delta_a, delta_b = (f[name.replace("lora_A", "lora_B")] @ f[name] for f in (a, b))
         cosines.append(torch.cosine_similarity(delta_a.flatten(), delta_b.flatten(), 0).item())
     # bfloat16 kernels round differently by CPU: the lowest module 0.9982 on an AMD EPYC with
     # AVX-512 BF16 (mean 0.9998), above 0.999 on a Xeon with AMX
     assert sum(cosines) / len(cosines) > 0.999 and min(cosines) > 0.995, cosines
     assert full.fingerprint != half.fingerprint
+
+
+def test_packed_linears_compute_what_the_linears_did() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32))
+    model[0].to(torch.bfloat16)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = model[0](x)
+        pack_linears(model)
+        got = model[0](x)
+    assert isinstance(model[0], PackedLinear)
+    assert isinstance(model[1], torch.nn.Linear)  # float32: left as it is
+    assert got.shape == (3, 5, 96)
+    torch.testing.assert_close(got, want)

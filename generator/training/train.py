@@ -141,10 +141,8 @@ class Objective(nn.Module):
         state, factors, completion = None, None, []
         for t in range(batch.context.shape[1]):
             ids, mask = batch.context[:, t], batch.context_mask[:, t]
-            attention = mask.clone()
-            attention[:, 0] = 1  # an all-padding window must still attend somewhere (no NaN)
             score = batch.completion and t > 0
-            s, logits = pipeline.read_window(ids, attention, factors, logits=score)
+            s, logits = pipeline.read_window(ids, mask, factors, logits=score)
             if score:
                 assert logits is not None
                 completion.append(lm_loss(logits, ids.masked_fill(mask == 0, IGNORE)))
