@@ -226,11 +226,17 @@ class AdapterPipeline:
         )
         state = self.read_window(ids.to(self.base.model.device), mask, factors)[0]
         parts = {k: v.split(counts) for k, v in state.items()}
+        states = []
         for i, (reading, chunk) in enumerate(zip(readings, chunks, strict=True)):
             read = {k: p[i].sum(0, keepdim=True) for k, p in parts.items()}
             reading.state = add_states(reading.state, read)
             reading.read += len(chunk)
-            reading.factors = self.generator.lora(reading.state)
+            states.append(reading.state)
+        # Every reading's LoRA in one batch (alone, its SVDs and folds took 18 ms of a 285-token
+        # adapt's 300, measured); each reading's factors are what it would get alone.
+        factors = self.generator.lora({k: torch.cat([s[k] for s in states]) for k in states[0]})
+        for i, reading in enumerate(readings):
+            reading.factors = {k: (a[i : i + 1], b[i : i + 1]) for k, (a, b) in factors.items()}
 
     def adapt_ids(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Adapter:
         """Read `ids` a pass at a time (`read_next`), each with the adapter of everything before
