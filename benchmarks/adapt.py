@@ -71,8 +71,9 @@ def markdown(result: dict) -> str:
             f"{result['machine']} ({result['threads']} torch threads), {result['date']}, "
             f"1-minute load average {result['load_average_1m_at_start']}; medians of repeated "
             "runs. The floor is one forward pass of the base model's decoder (no lm_head: reading "
-            "needs none) over the same tokens; the "
-            "server reads in bfloat16 where the CPU has it natively (`GENADAPTER_ADAPT_DTYPE`).",
+            "needs none) over the same tokens; the server reads in bfloat16 where the CPU has "
+            "it natively (`GENADAPTER_ADAPT_DTYPE`), its linear layers' weights packed for "
+            "oneDNN (`PackedLinear`), as here.",
             "",
             "| context tokens | dtype | base forward (floor) | adapt | adapt / floor "
             f"| adapt / {ref} forward |",
