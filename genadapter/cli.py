@@ -221,13 +221,13 @@ def cmd_bench_adapt(args: argparse.Namespace) -> None:
     import torch
 
     from benchmarks import adapt
-    from generator.base_model import pack_linears, reading_dtype
+    from generator.base_model import reading_dtype
     from generator.pipeline import load_pipeline
 
     dtypes = dict.fromkeys([torch.float32, reading_dtype(args.dtype)])  # float32 first, once
     pipelines = [load_pipeline(args.base_model, args.generator, dtype) for dtype in dtypes]
     for pipeline in pipelines:  # as the server reads (bfloat16 weights packed; float32 as is)
-        pack_linears(pipeline.base.model.get_decoder())
+        pipeline.pack_for_reading()
     result = adapt.run(pipelines, tuple(args.tokens))
     report(result, adapt.markdown(result), adapt.SECTION, args)
 

@@ -19,7 +19,6 @@ from generator.base_model import (
     cache_root,
     load_tokenizer,
     native_bfloat16,
-    pack_linears,
     reading_dtype,
     tokenize,
 )
@@ -153,7 +152,7 @@ def load_maker(
     the narrow interface. A maker only reads (no gradients): its decoder's bfloat16 weights
     are packed for the CPU's matmuls."""
     pipeline = load_pipeline(base_model, generator_dir, reading_dtype(dtype))
-    pack_linears(pipeline.base.model.get_decoder())
+    pipeline.pack_for_reading()
     return AdapterMaker(pipeline)
 
 

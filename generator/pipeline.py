@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
-from generator.base_model import BaseModel, load_base_model, tokenize
+from generator.base_model import BaseModel, load_base_model, pack_linears, tokenize
 from generator.config import WEIGHTS_FILE, GeneratorConfig, GeneratorOptions
 from generator.lora import applied, attach_lora_layers, peft_bytes, peft_config
 from generator.model import AdapterGenerator, LoRAFactors, State, add_states
@@ -175,6 +175,11 @@ class AdapterPipeline:
 
     def tokenize(self, text: str) -> list[int]:
         return tokenize(self.base.tokenizer, text)
+
+    def pack_for_reading(self) -> None:
+        """The decoder's bfloat16 weights packed for the CPU's matmuls (`pack_linears`), for a
+        pipeline that only reads, as the server's does: training through it gets no gradient."""
+        pack_linears(self.base.model.get_decoder())
 
     def read_window(
         self, ids: Tensor, mask: Tensor | None, factors: LoRAFactors | None, logits: bool = False
