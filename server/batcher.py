@@ -18,6 +18,11 @@ adapted then asked took 61 s; the same adapts alone 19.5 s, the same questions a
 pass of many contexts runs as forwards of at most `pass_tokens` tokens with that wait before each:
 one forward of 8 contexts of 512 tokens took about 2 s, all of it beside the questions that
 arrived meanwhile.
+
+A pass that starts from idle first waits, up to `GATHER_S`, for the adapt requests on their way
+(`on_the_way`: tokenizing, looking up the cache), so requests sent together are read together.
+Over HTTP, eight sent at once reached the generator over 15 ms, and the first pass started with
+one of them (measured); a lone request waits for nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from generator.maker import AdapterMaker, MadeAdapter, Reading
@@ -36,6 +42,12 @@ from generator.maker import AdapterMaker, MadeAdapter, Reading
 log = logging.getLogger(__name__)
 
 ENGINE_POLL_S = 0.005  # how often a waiting pass looks whether the engine is done
+GATHER_S = 0.05  # longest a pass from idle waits for the adapt requests on their way
+GATHER_POLL_S = 0.001  # how often it looks whether they have arrived
+
+
+def _no_op() -> None:
+    return None
 
 
 @dataclass
@@ -72,6 +84,8 @@ class AdaptBatcher:
         self._pass_tokens = pass_tokens
         self._engine_busy: Callable[[], bool] = lambda: False
         self._yield_s = 0.0
+        self._on_the_way = 0
+        self._counting = threading.Lock()
         self._loaded: Future[AdapterMaker] = Future()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -92,19 +106,46 @@ class AdaptBatcher:
         """The loaded generator; only after `loaded` has returned."""
         return self._loaded.result(timeout=0)
 
-    async def make(self, ids: list[int], parent_state: bytes | None = None) -> MadeAdapter:
+    @contextmanager
+    def on_the_way(self) -> Iterator[Callable[[], None]]:
+        """Count a request that may soon `make` an adapter until it calls the `arrived` this
+        yields (`make` takes it, and calls it once its context is queued) or leaves the block:
+        a pass from idle waits for the requests counted (the module says why)."""
+        counted = True
+
+        def arrived() -> None:
+            nonlocal counted
+            with self._counting:
+                if counted:
+                    self._on_the_way -= 1
+                counted = False
+
+        with self._counting:
+            self._on_the_way += 1
+        try:
+            yield arrived
+        finally:
+            arrived()
+
+    async def make(
+        self,
+        ids: list[int],
+        parent_state: bytes | None = None,
+        arrived: Callable[[], None] = _no_op,
+    ) -> MadeAdapter:
         """The adapter of `ids` (continuing `parent_state`); cancelling the call drops its
-        context from the batch at the next pass."""
-        return await self._submit(_Job(ids, parent_state))
+        context from the batch at the next pass. `arrived`: from `on_the_way`."""
+        return await self._submit(_Job(ids, parent_state), arrived)
 
     async def compose(self, states: list[bytes]) -> MadeAdapter:
         """AdapterMaker.compose, between two passes of the adapts in flight."""
-        return await self._submit(_Job(work=lambda maker: maker.compose(states)))
+        return await self._submit(_Job(work=lambda maker: maker.compose(states)), _no_op)
 
-    async def _submit(self, job: _Job) -> MadeAdapter:
+    async def _submit(self, job: _Job, arrived: Callable[[], None]) -> MadeAdapter:
         await self.loaded()
         job.future = asyncio.get_running_loop().create_future()
         self._queue.put(job)
+        arrived()
         return await job.future
 
     def close(self) -> None:
@@ -121,10 +162,13 @@ class AdaptBatcher:
         self._loaded.set_result(maker)
         active: list[_Job] = []
         while True:
-            arrived = [] if active else [self._queue.get()]  # idle: wait for work
-            while len(active) + len(arrived) < self._max_batch and not self._queue.empty():
-                arrived.append(self._queue.get())
-            for job in arrived:
+            incoming = []
+            if not active:  # idle: wait for work, then for the requests on their way
+                incoming.append(self._queue.get())
+                self._gather()
+            while len(active) + len(incoming) < self._max_batch and not self._queue.empty():
+                incoming.append(self._queue.get())
+            for job in incoming:
                 if job is None:
                     for j in active:
                         j.settle(RuntimeError("the server is shutting down"))
@@ -155,6 +199,11 @@ class AdaptBatcher:
             groups[-1].append(reading)
             tokens += n
         return groups
+
+    def _gather(self) -> None:
+        deadline = time.monotonic() + GATHER_S
+        while self._on_the_way and time.monotonic() < deadline:
+            time.sleep(GATHER_POLL_S)
 
     def _wait_for_engine(self) -> None:
         deadline = time.monotonic() + self._yield_s

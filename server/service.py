@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import NoReturn
@@ -86,6 +86,26 @@ class AdapterService:
         """The adapter of this context (extending `parent` if given) or of adapters composed,
         from cache or made now."""
         start = time.perf_counter()
+        with self.batcher.on_the_way() as arrived:  # read beside the adapts sent with it
+            info, created = await self._get_or_make(request, tenant, arrived)
+        cache = "miss" if created else "hit"
+        seconds = time.perf_counter() - start
+        metrics.ADAPT_CACHE.labels(cache).inc()
+        metrics.ADAPT_SECONDS.labels(cache).observe(seconds)
+        return AdaptResponse(
+            adapter_id=info.id,
+            tokens=info.tokens,
+            cached=not created,
+            created_at=info.created_at,
+            base_model=info.base_model,
+            parent=info.parent,
+            composed=info.composed,
+            seconds=seconds,
+        )
+
+    async def _get_or_make(
+        self, request: AdaptRequest, tenant: str, arrived: Callable[[], None]
+    ) -> tuple[AdapterInfo, bool]:
         make: Factory
         if request.compose is not None:
             parts = sorted(check_adapter_id(a) for a in request.compose)  # order-independent
@@ -95,27 +115,13 @@ class AdapterService:
             text, ids = await self.context_ids(request)
             parent = None if request.parent is None else check_adapter_id(request.parent)
             aid = self.generator.adapter_id(text, parent, tenant)
-            make = partial(self._create, aid, ids, parent, tenant)
+            make = partial(self._create, aid, ids, parent, tenant, arrived)
 
         async def new() -> StoredAdapter:
             await self.limits.new_adapter(tenant, self.store)  # a cache hit takes no place
             return await make()
 
-        info, created = await self.store.get_or_create(aid, new)
-        cache = "miss" if created else "hit"
-        seconds = time.perf_counter() - start
-        metrics.ADAPT_CACHE.labels(cache).inc()
-        metrics.ADAPT_SECONDS.labels(cache).observe(seconds)
-        return AdaptResponse(
-            adapter_id=aid,
-            tokens=info.tokens,
-            cached=not created,
-            created_at=info.created_at,
-            base_model=info.base_model,
-            parent=info.parent,
-            composed=info.composed,
-            seconds=seconds,
-        )
+        return await self.store.get_or_create(aid, new)
 
     async def context_ids(self, request: AdaptRequest) -> tuple[str, list[int]]:
         """The canonical text of a request's context and its tokens, within the limit."""
@@ -132,7 +138,12 @@ class AdapterService:
         return text, ids
 
     async def _create(
-        self, aid: str, ids: list[int], parent_id: str | None, tenant: str
+        self,
+        aid: str,
+        ids: list[int],
+        parent_id: str | None,
+        tenant: str,
+        arrived: Callable[[], None],
     ) -> StoredAdapter:
         parent_state = None
         if parent_id is not None:
@@ -142,7 +153,7 @@ class AdapterService:
             # a tenant runs at most `tenant_adapts` generators at once (a 429 beyond); cache
             # hits and requests waiting for the same context take none
             async with self.limits.adapting(tenant):
-                adapter = await self.batcher.make(ids, parent_state)
+                adapter = await self.batcher.make(ids, parent_state, arrived)
         finally:
             metrics.ADAPT_QUEUE.dec()
         return StoredAdapter(self._info(aid, adapter, tenant, parent=parent_id), adapter)

@@ -90,6 +90,40 @@ async def test_a_short_context_does_not_wait_for_a_long_one(maker: AdapterMaker)
         batcher.close()
 
 
+async def test_a_pass_from_idle_waits_for_the_adapts_on_their_way(
+    maker: AdapterMaker, batches: list[int]
+) -> None:
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
+
+    async def request(text: str, lookup_s: float) -> MadeAdapter:
+        with batcher.on_the_way() as arrived:
+            await asyncio.sleep(lookup_s)  # tokenizing, looking up the cache
+            return await batcher.make(maker.tokenize(text), arrived=arrived)
+
+    try:
+        # one short context alone is read in one pass: both in one pass means the first waited
+        await asyncio.gather(request("Sent first.", 0), request("Sent 20 ms later.", 0.02))
+    finally:
+        batcher.close()
+    assert batches[0] == 2
+
+
+async def test_a_lone_adapt_and_one_that_leaves_early_make_no_pass_wait(
+    maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("server.batcher.GATHER_S", 600.0)  # a wait would time the test out
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
+    try:
+        with batcher.on_the_way() as arrived:
+            lone = batcher.make(maker.tokenize("Alone."), arrived=arrived)
+            assert (await asyncio.wait_for(lone, 60)).tokens > 0
+        with batcher.on_the_way():
+            pass  # a cache hit: it never makes an adapter
+        assert (await asyncio.wait_for(batcher.make(maker.tokenize("Next.")), 60)).tokens > 0
+    finally:
+        batcher.close()
+
+
 async def test_a_cancelled_adapt_leaves_the_batch(
     maker: AdapterMaker, batches: list[int], tiny_pipeline: AdapterPipeline
 ) -> None:

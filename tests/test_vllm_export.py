@@ -174,6 +174,9 @@ def test_our_punica_wrapper_adds_each_rows_adapter_once_per_layer(
     one = Routing(torch.ones(n, dtype=torch.long))  # one adapter: plain matmuls
     delta = one.delta(x, a, b, dtype).float()
     torch.testing.assert_close(delta, xf @ af[1, 0].T @ bf[1, 0].T, rtol=rtol, atol=atol)
+    with_base = Routing(rows.clamp(max=0)).delta(x, a, b, dtype).float()  # base rows: none
+    by_hand = (rows >= 0).unsqueeze(-1) * (xf @ af[0, 0].T @ bf[0, 0].T)
+    torch.testing.assert_close(with_base, by_hand, rtol=rtol, atol=atol)
 
 
 def test_our_cpu_lora_ops_refuse_a_vllm_whose_ops_changed(monkeypatch: pytest.MonkeyPatch) -> None:
