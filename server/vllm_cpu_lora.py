@@ -6,7 +6,8 @@ vLLM's CPU ops (`vllm/lora/ops/torch_ops`) give every row (token) its adapter by
 adapter's matrices for the row, then an einsum: a prefill of n tokens copies n matrices per layer
 and op (2,048 tokens: 48 ms per layer, measured, where the base layer takes about 1). Here a
 batch whose adapter rows share one slot runs plain matmuls with that slot's matrices; otherwise
-one matmul runs every slot on every row, and a one-hot mask keeps each row's own. The slots'
+a decode step's few rows each take their own slot's matrices (a batched matmul), and more rows
+one matmul of every slot, a one-hot mask keeping each row's own. The slots'
 matrices are kept per layer, rank first, until vLLM writes a slot. Each batch's routing is
 worked out once, not in every layer, and a layer's LoRA is applied in one call
 (GroupedPunicaWrapper). vLLM's ops also read a base-model row's index, -1, as the last adapter
@@ -28,10 +29,11 @@ from torch import Tensor
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 # Up to this many rows (a decode step), the LoRA math runs in float32, from matrices kept per
-# layer: a tiny float32 matmul costs 3-6 us where a bfloat16 one costs 17 (its oneDNN call), and
-# every slot in one matmul beats gathering the slots used (a layer's LoRA, 8 rows on 8 adapters:
-# 125 -> 97 us; on one adapter 60 -> 32 us, measured). More rows (a prefill, or one beside decode
-# steps) run in the model's dtype (1,024 rows: 3x faster than float32).
+# layer (a tiny float32 matmul costs 3-6 us where a bfloat16 one costs 17, its oneDNN call), each
+# row with its own slot's matrices: in a decode step of 30 layers that read the model's weights
+# between them, every slot in one matmul added 6.9 / 7.5 ms to 8 rows on 8 adapters / 16 on 16,
+# each row's own 4.4 / 4.1 ms (measured). More rows (a prefill, or one beside decode steps) run in
+# the model's dtype (1,024 rows: 3x faster than float32).
 FEW_ROWS = 16
 
 
@@ -49,6 +51,7 @@ class Routing:
         # questions about one document): plain matmuls with that slot's matrices.
         self.slot = int(used[0]) if used.numel() == 1 else None
         self.base = base.unsqueeze(-1) if bool(base.any()) else None
+        self._slots = indices.clamp(min=0)  # each row's slot (a base row's result is zeroed)
         rows = (~base).nonzero().squeeze(-1)
         self._own = rows, indices[rows]  # each adapter row and its slot
         self._masks: dict[tuple[int, int, torch.dtype], Tensor] = {}
@@ -66,38 +69,49 @@ class Routing:
     def shrink(self, x: Tensor, a: Tensor) -> Tensor:
         """Row t: A[slot of t] x[t] in float32 (as vLLM's), zero for base rows; (n, r)."""
         m = slot_matrices(a, torch.float32)
+        x = x.float()
         if self.slot is not None:
-            return self._masked(x.float() @ m[self.slot].T)
+            return self._masked(x @ m[self.slot].T)
+        if self.few:
+            return self._masked(torch.bmm(x.unsqueeze(1), self._each_rows(m).mT).squeeze(1))
         slots, r, _ = m.shape
-        spread = (x.float() @ m.flatten(0, 1).T).mul_(self.mask(slots, r, torch.float32))
+        spread = (x @ m.flatten(0, 1).T).mul_(self.mask(slots, r, torch.float32))
         return spread.view(self.n, slots, r).sum(1)
 
     def expand(self, z: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-        """Row t: B[slot of t] z[t], (n, o): in float32 for a few rows, else in `dtype`."""
+        """Row t: B[slot of t] z[t], (n, o), where `z` is a shrink's (zero for base rows): in
+        float32 for a few rows, else in `dtype`."""
         dt = torch.float32 if self.few else dtype
         m = slot_matrices(b, dt)
+        z = z.to(dt)
         if self.slot is not None:
-            return z.to(dt) @ m[self.slot]
+            return z @ m[self.slot]
+        if self.few:
+            return torch.bmm(z.unsqueeze(1), self._each_rows(m)).squeeze(1)
         slots, r, _ = m.shape
-        spread = z.to(dt).repeat(1, slots).mul_(self.mask(slots, r, dt))
-        return spread @ m.flatten(0, 1)
+        return z.repeat(1, slots).mul_(self.mask(slots, r, dt)) @ m.flatten(0, 1)
 
     def delta(self, x: Tensor, a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
-        """expand(shrink(x)) in one go, a few rows in float32, more in `dtype`: one slot's
-        matrices, or every slot's with each row masked to its own, so no layer gathers the slots
-        used (a layer's LoRA, 48 rows on 8 adapters: 123 -> 79 us; 1,024 rows: 779 -> 341 us;
-        1,024 rows on one adapter: 230 -> 89 us, measured against a float32 shrink of the slots
-        used)."""
-        dt = torch.float32 if self.few else dtype
-        ma, mb = slot_matrices(a, dt), slot_matrices(b, dt)
+        """expand(shrink(x)): a few rows in float32, each with its own slot's matrices; more in
+        `dtype`, one slot's matrices or every slot's with each row masked to its own, so no
+        layer gathers the slots used (a layer's LoRA, 48 rows on 8 adapters: 123 -> 79 us;
+        1,024 rows: 779 -> 341 us; 1,024 rows on one adapter: 230 -> 89 us, measured against a
+        float32 shrink of the slots used)."""
+        if self.few:
+            return self.expand(self.shrink(x, a), b, dtype)
+        ma, mb = slot_matrices(a, dtype), slot_matrices(b, dtype)
+        x = x.to(dtype)
         if self.slot is not None:
-            return self._masked(x.to(dt) @ ma[self.slot].T) @ mb[self.slot]
+            return self._masked(x @ ma[self.slot].T) @ mb[self.slot]
         slots, r, _ = ma.shape
-        spread = (x.to(dt) @ ma.flatten(0, 1).T).mul_(self.mask(slots, r, dt))
-        return spread @ mb.flatten(0, 1)
+        return (x @ ma.flatten(0, 1).T).mul_(self.mask(slots, r, dtype)) @ mb.flatten(0, 1)
+
+    def _each_rows(self, m: Tensor) -> Tensor:
+        """(n, r, d): each row's own slot's matrix of the kept (slots, r, d)."""
+        return m.index_select(0, self._slots)
 
     def _masked(self, z: Tensor) -> Tensor:
-        """One slot's shrink with base rows zeroed: a delta is linear in it, so they get none."""
+        """A shrink with base rows zeroed: a delta is linear in it, so they get none."""
         return z if self.base is None else z.masked_fill(self.base, 0)
 
 

@@ -99,8 +99,8 @@ def test_cli_adapter_is_served_by_vllm_like_peft(smollm2: BaseModel, tmp_path: P
 @pytest.mark.parametrize("repeat", [1, FEW_ROWS])  # a decode step's few rows; a prefill's
 def test_our_cpu_lora_ops_give_each_row_its_adapter_and_base_rows_none(repeat: int) -> None:
     """vLLM's CPU LoRA ops read a base-model row's index, -1, as the last adapter slot; ours give
-    such a row no delta, and each adapter row its own, decoding and prefilling, whether every
-    slot is computed (few rows) or the slots used (many)."""
+    such a row no delta, and each adapter row its own, decoding and prefilling, whether each row
+    takes its own slot's matrices (few rows) or every slot is computed under a mask (many)."""
     use_our_cpu_lora_ops()
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
