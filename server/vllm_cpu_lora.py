@@ -6,8 +6,8 @@ vLLM's CPU ops (`vllm/lora/ops/torch_ops`) give every row (token) its adapter by
 adapter's matrices for the row, then an einsum: a prefill of n tokens copies n matrices per layer
 and op (2,048 tokens: 48 ms per layer, measured, where the base layer takes about 1). Here a
 batch whose adapter rows share one slot runs plain matmuls with that slot's matrices; otherwise
-a decode step's few rows each take their own slot's matrices (a batched matmul), and more rows
-one matmul of every slot, a one-hot mask keeping each row's own. The slots'
+a decode step's few rows each take their own slot's matrices (a batched matmul), and a prefill's
+many rows run every slot in one matmul, a one-hot mask keeping each row's own. The slots'
 matrices are kept per layer, rank first, until vLLM writes a slot. Each batch's routing is
 worked out once, not in every layer, and a layer's LoRA is applied in one call
 (GroupedPunicaWrapper). vLLM's ops also read a base-model row's index, -1, as the last adapter
