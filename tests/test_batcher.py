@@ -108,10 +108,32 @@ async def test_a_pass_from_idle_waits_for_the_adapts_on_their_way(
     assert batches[0] == 2
 
 
+async def test_a_pass_from_idle_waits_for_a_burst_to_end(
+    maker: AdapterMaker, batches: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests queued before a third is on its way: all three are read in one pass."""
+    monkeypatch.setattr("server.batcher.GATHER_S", 5.0)
+    monkeypatch.setattr("server.batcher.GATHER_QUIET_S", 1.0)
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
+
+    async def request(text: str, start_s: float) -> MadeAdapter:
+        await asyncio.sleep(start_s)
+        with batcher.on_the_way() as arrived:
+            return await batcher.make(maker.tokenize(text), arrived=arrived)
+
+    try:
+        await asyncio.gather(request("First.", 0), request("Second.", 0), request("Third.", 0.2))
+    finally:
+        batcher.close()
+    assert batches[0] == 3
+
+
 async def test_a_lone_adapt_and_one_that_leaves_early_make_no_pass_wait(
     maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("server.batcher.GATHER_S", 600.0)  # a wait would time the test out
+    # a wait would time the test out
+    monkeypatch.setattr("server.batcher.GATHER_S", 600.0)
+    monkeypatch.setattr("server.batcher.GATHER_QUIET_S", 600.0)
     batcher = AdaptBatcher(lambda: maker, max_batch=8)
     try:
         with batcher.on_the_way() as arrived:
@@ -259,3 +281,15 @@ async def test_a_pass_runs_as_forwards_of_at_most_pass_tokens_and_equals_alone(
     assert len(polls) == len(batches)
     for a, ids in zip(made, contexts, strict=True):
         assert_same_adapter(a, maker.make(ids))
+
+
+async def test_a_pass_evens_out_its_forwards(maker: AdapterMaker, batches: list[int]) -> None:
+    """Four contexts of one 16-token window a pass, forwards of at most 48 tokens: as few
+    forwards as in order, 2 + 2 rather than 3 + 1."""
+    contexts = [maker.tokenize(f"Context {i}. " + "Velloran. " * 12) for i in range(4)]
+    batcher = AdaptBatcher(lambda: maker, max_batch=8, pass_tokens=48)
+    try:
+        await asyncio.gather(*(batcher.make(ids) for ids in contexts))
+    finally:
+        batcher.close()
+    assert batches[:2] == [2, 2]
