@@ -7,7 +7,7 @@ loads, and the raw state that extending the adapter later continues from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -62,10 +62,6 @@ class MadeAdapter:
     peft_config: str  # adapter_config.json of the generator that made it
     state: bytes  # raw S and token count: what extending it continues from
     tokens: int  # context tokens it has read, its parents' included
-
-    def copied(self) -> MadeAdapter:
-        """The same files in new buffers, allocated by the calling thread."""
-        return replace(self, peft=bytes(memoryview(self.peft)), state=bytes(memoryview(self.state)))
 
     def write(self, folder: Path) -> Path:
         """A PEFT folder (what vLLM and PEFT load), written atomically."""

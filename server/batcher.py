@@ -27,11 +27,12 @@ first six before the last two had reached the count, and those two waited for th
 (logged, 1 in 3 rounds). So once a second request shows, the pass also waits for a quiet
 `GATHER_QUIET_S` after the last one; a lone request still waits for nothing.
 
-An adapter's files leave this thread as copies made on the caller's loop. Made here, the bytes
-the store keeps lay in this thread's malloc heap among each pass's freed memory and pinned it:
-the next larger pass took fresh pages, 15,000-60,000 page faults in the first pass of 3 contexts
-after 8 single adapts, which then took 1.5-2x as long as the same pass again (measured on a
-Xeon; with the copies, no faults and no difference).
+One step of a finished adapt runs on the caller's loop instead: its files, the bytes of tensors
+this thread computed (serializing runs no torch kernel). Made here, the bytes the store keeps lay
+in this thread's malloc heap among the memory each pass frees and pinned it: the next larger pass
+took fresh pages, 15,000-60,000 page faults in the first pass of 3 contexts after 8 single
+adapts, which then took 1.5-2x as long as the same pass again (measured on a Xeon; with the bytes
+made on the loop, no faults and no difference).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 from generator.maker import AdapterMaker, MadeAdapter, Reading
 
@@ -68,16 +70,21 @@ class _Job:
     future: asyncio.Future[MadeAdapter] = field(init=False)  # on the caller's loop
     reading: Reading | None = field(default=None, repr=False)
 
-    def settle(self, result: MadeAdapter | BaseException) -> None:
-        """Resolve the future on its loop's thread (unless its caller gave up on it)."""
+    def settle(self, result: MadeAdapter | BaseException | Callable[[], MadeAdapter]) -> None:
+        """Resolve the future on its loop's thread (unless its caller gave up on it); a callable
+        result runs there first, and what it raises is the caller's error."""
 
         def set_it() -> None:
             if self.future.done():
                 return
-            if isinstance(result, BaseException):
-                self.future.set_exception(result)
+            try:
+                made = result() if callable(result) else result
+            except Exception as e:  # noqa: BLE001 (the caller's error to raise)
+                made = e
+            if isinstance(made, BaseException):
+                self.future.set_exception(made)
             else:
-                self.future.set_result(result.copied())  # on the loop's thread: the module says why
+                self.future.set_result(made)
 
         self.future.get_loop().call_soon_threadsafe(set_it)
 
@@ -253,10 +260,7 @@ class AdaptBatcher:
             if not j.reading.done:
                 going.append(j)
                 continue
-            try:
-                j.settle(maker.finish(j.reading))
-            except Exception as e:  # noqa: BLE001 (the caller's error to raise)
-                j.settle(e)
+            j.settle(partial(maker.finish, j.reading))  # its bytes on the loop's thread (module)
         return going
 
 
