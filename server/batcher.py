@@ -32,7 +32,7 @@ this thread computed (serializing runs no torch kernel). Made here, the bytes th
 in this thread's malloc heap among the memory each pass frees and pinned it: the next larger pass
 took fresh pages, 15,000-60,000 page faults in the first pass of 3 contexts after 8 single
 adapts, which then took 1.5-2x as long as the same pass again (measured on a Xeon; with the bytes
-moved onto the loop, no faults and no difference).
+moved onto the loop, 0-2,561 faults and no difference).
 """
 
 from __future__ import annotations
