@@ -13,9 +13,11 @@ import logging
 import os
 import shutil
 import tempfile
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
+from weakref import WeakSet
 
 import torch
 from torch import Tensor, nn
@@ -194,6 +196,51 @@ def pack_linears(model: nn.Module) -> None:
         if module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, PackedLinear(module))
+
+
+# The list `layer_inputs` is filling on this thread (per thread, as transformers' own output
+# capture keeps it): hooks on a shared model must not record another thread's forward.
+_RECORDING: ContextVar[list[Tensor] | None] = ContextVar("layer_inputs", default=None)
+_HOOKED: WeakSet[nn.Module] = WeakSet()  # decoders `hook_layer_inputs` has hooked
+
+
+class _LastLayerReached(Exception):
+    """Ends a forward inside `layer_inputs` at the input of the last decoder layer."""
+
+
+def hook_layer_inputs(decoder: nn.Module) -> None:
+    """Hooks on each layer of `decoder` (a transformers decoder without its lm_head) that
+    `layer_inputs` needs (idempotent); any other forward passes them by untouched."""
+    if decoder in _HOOKED:
+        return
+    _HOOKED.add(decoder)
+    layers = list(cast(nn.ModuleList, decoder.get_submodule("layers")))
+
+    def record(_layer: nn.Module, args: tuple[Tensor, ...]) -> None:
+        inputs = _RECORDING.get()
+        if inputs is None:
+            return
+        inputs.append(args[0])
+        if len(inputs) == len(layers):
+            raise _LastLayerReached  # a transformers model has no other way to stop early
+
+    for layer in layers:
+        layer.register_forward_pre_hook(record)
+
+
+def layer_inputs(decoder: nn.Module, ids: Tensor) -> list[Tensor]:
+    """The input of each decoder layer reading `ids` (what the generator's S is made of),
+    `decoder` hooked by `hook_layer_inputs`. The last layer and the final norm never run:
+    nothing reads their output (for SmolLM2's 30 layers a forward 3-4% faster, measured)."""
+    inputs: list[Tensor] = []
+    recording = _RECORDING.set(inputs)
+    try:
+        decoder(input_ids=ids, use_cache=False)
+    except _LastLayerReached:
+        pass
+    finally:
+        _RECORDING.reset(recording)
+    return inputs
 
 
 def load_base_model(

@@ -17,7 +17,14 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 from torch import Tensor
 
-from generator.base_model import BaseModel, load_base_model, pack_linears, tokenize
+from generator.base_model import (
+    BaseModel,
+    hook_layer_inputs,
+    layer_inputs,
+    load_base_model,
+    pack_linears,
+    tokenize,
+)
 from generator.config import WEIGHTS_FILE, GeneratorConfig, GeneratorOptions
 from generator.lora import applied, attach_lora_layers, peft_bytes, peft_config
 from generator.model import AdapterGenerator, LoRAFactors, State, add_states
@@ -171,6 +178,7 @@ class AdapterPipeline:
         self.generator = generator
         self.config = generator.config
         attach_lora_layers(base.model, self.config.module_names())
+        hook_layer_inputs(base.model.get_decoder())
         self.fingerprint = fingerprint(generator, base.name, base.model.dtype)
 
     def tokenize(self, text: str) -> list[int]:
@@ -188,13 +196,17 @@ class AdapterPipeline:
         when `logits` (training's completion loss). `mask` (b, W) marks real tokens; padding is
         on the right, where causal attention already hides it from every real token, so only S
         needs the mask (the model's masked attention path was 4% slower, measured). Reading
-        alone runs the decoder without the lm_head: S needs none of it, and in bfloat16 on a
-        CPU its tied weight is copied on every call (a third of a window's time, measured)."""
-        model = self.base.model if logits else self.base.model.get_decoder()
+        alone runs the decoder up to its last layer's input (`layer_inputs`), without the
+        lm_head: S needs none of it, and in bfloat16 on a CPU the lm_head's tied weight is
+        copied on every call (a third of a window's time, measured)."""
         with applied(factors):
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-        # hidden_states[l] is the input of decoder layer l; the last entry is the final norm.
-        return self.generator.state(out.hidden_states[:-1], mask), out.logits if logits else None
+            if logits:
+                out = self.base.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+                # hidden_states[l] is the input of decoder layer l; the last is the final norm's.
+                inputs, scores = out.hidden_states[:-1], out.logits
+            else:
+                inputs, scores = layer_inputs(self.base.model.get_decoder(), ids), None
+        return self.generator.state(inputs, mask), scores
 
     def start_reading(self, ids: list[int], state: State | None = None, tokens: int = 0) -> Reading:
         """A context to read window by window (`read_next`); `state` and `tokens` continue an

@@ -167,6 +167,26 @@ def test_windows_read_at_once_share_the_adapter_of_the_steps_before(tiny_base: B
     assert one_by_one.fingerprint != at_once.fingerprint  # another reading: other adapter ids
 
 
+def test_reading_stops_at_the_last_layers_input(tiny_pipeline: AdapterPipeline) -> None:
+    """Reading alone gets the same S as the whole model's forward (training's, with logits),
+    with an adapter applied too, and never runs the last decoder layer."""
+    ids = torch.tensor([IDS[:16], IDS[16:32]])
+    first = tiny_pipeline.read_window(ids, None, None)[0]
+    factors = tiny_pipeline.generator.lora(first)
+    last_layer_runs = []
+    decoder = tiny_pipeline.base.model.get_decoder()
+    hook = decoder.layers[-1].register_forward_hook(lambda *_: last_layer_runs.append(1))
+    try:
+        alone = tiny_pipeline.read_window(ids, None, factors)[0]
+        assert not last_layer_runs
+        whole, scores = tiny_pipeline.read_window(ids, None, factors, logits=True)
+        assert last_layer_runs and scores is not None
+    finally:
+        hook.remove()
+    for name, s in whole.items():
+        assert torch.equal(alone[name], s)
+
+
 def test_generator_round_trips_through_safetensors(
     tiny_pipeline: AdapterPipeline, tmp_path: Path
 ) -> None:
