@@ -31,8 +31,8 @@ A pass from idle that had to wait for the engine then also waits, up to `GATHER_
 adapts that come once the engine is done: clients that adapt and then ask send their next
 context when their answer ends, and answers that started together end together. Logged, 64
 documents of 1,024 tokens each adapted then asked, 8 at a time: in every round the first caller
-answered sent its adapt while the other seven were still being answered; it waited for them
-(0.34-0.43 s) and its pass then started alone, while their adapts reached the server 7-15 ms
+answered sent its adapt while the other seven were still being answered; its pass waited for
+the engine (0.34-0.43 s), then started alone, while their adapts reached the server 7-15 ms
 after the engine went idle and waited for that pass. Settled a pass before them, its question
 then ran beside their last forward (1.0-1.5 s instead of 0.3), and the next round began the
 same way. Waiting for them instead: that first round 74.7 / 77.0 -> 65.5 / 63.3 s (servers
