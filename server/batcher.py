@@ -195,11 +195,13 @@ class AdaptBatcher:
         active: list[_Job] = []
         while True:
             incoming = []
+            engine_until = None  # the first forward's wait for the engine ends then
             if not active:  # idle: wait for work, then for the requests on their way
                 counted = self._counted
                 incoming.append(self._queue.get())
                 self._gather(counted)
-                if self._wait_for_engine():  # its callers, answered, may send adapts now
+                engine_until = time.monotonic() + self._yield_s
+                if self._wait_for_engine(engine_until):  # its callers, answered, may send more
                     self._gather(self._counted, awaited=True)
             while len(active) + len(incoming) < self._max_batch and not self._queue.empty():
                 incoming.append(self._queue.get())
@@ -218,7 +220,7 @@ class AdaptBatcher:
                     job.settle(e)
             active = [j for j in active if not j.future.cancelled()]  # callers gone
             if active:
-                active = self._step(maker, active)
+                active = self._step(maker, active, engine_until)
 
     def _forwards(self, maker: AdapterMaker, readings: list[Reading]) -> list[list[Reading]]:
         """The readings in order, in as few forwards of at most `pass_tokens` tokens as that
@@ -251,22 +253,25 @@ class AdaptBatcher:
                 return
             time.sleep(GATHER_POLL_S)
 
-    def _wait_for_engine(self) -> bool:
-        """Wait up to `adapt_yield_s` while the engine is busy; whether it was."""
-        deadline = time.monotonic() + self._yield_s
+    def _wait_for_engine(self, until: float) -> bool:
+        """Wait while the engine is busy, until `until` at most; whether it was busy."""
         waited = False
-        while time.monotonic() < deadline and self._engine_busy():
+        while time.monotonic() < until and self._engine_busy():
             waited = True
             time.sleep(ENGINE_POLL_S)
         return waited
 
-    def _step(self, maker: AdapterMaker, active: list[_Job]) -> list[_Job]:
+    def _step(
+        self, maker: AdapterMaker, active: list[_Job], engine_until: float | None = None
+    ) -> list[_Job]:
         """Read the next windows of every active context, in forwards of at most `pass_tokens`
-        (the engine's requests first); settle those done; the rest go on."""
+        (the engine's requests first, each forward's wait up to `adapt_yield_s`; the first's
+        until `engine_until` where a pass from idle began it); settle those done; the rest go on."""
         readings = [j.reading for j in active if j.reading is not None]
         try:
             for group in self._forwards(maker, readings):
-                self._wait_for_engine()
+                self._wait_for_engine(engine_until or time.monotonic() + self._yield_s)
+                engine_until = None
                 maker.read_next(group)
         except Exception as e:  # noqa: BLE001 (each caller gets the error; the thread lives on)
             log.exception("generator failed on a batch of %d contexts", len(active))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -283,6 +284,29 @@ async def test_an_engine_that_stays_busy_delays_windows_but_never_stops_them(
     windows = -(-len(ids) // tiny_pipeline.config.window)
     assert len(batches) == windows > 1
     assert set(range(windows)) <= set(polls)  # it waited before every window
+
+
+async def test_a_pass_from_idle_waits_for_a_busy_engine_once_not_twice(
+    maker: AdapterMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait from idle (before gathering the adapts the engine's callers send) is the first
+    forward's wait: together at most `adapt_yield_s` (1 s here; twice that before)."""
+    started: list[float] = []
+    real = maker.read_next
+
+    def timed(readings: list[Reading]) -> None:
+        started.append(time.monotonic())
+        real(readings)
+
+    monkeypatch.setattr(maker, "read_next", timed)
+    batcher = AdaptBatcher(lambda: maker, max_batch=8)
+    batcher.yield_to(lambda: True, seconds=1.0)
+    try:
+        sent = time.monotonic()
+        await asyncio.wait_for(batcher.make(maker.tokenize("Busy engine.")), 30)
+    finally:
+        batcher.close()
+    assert 1.0 <= started[0] - sent < 1.7  # the wait, its gather (50 ms), some slack
 
 
 async def test_a_pass_runs_as_forwards_of_at_most_pass_tokens_and_equals_alone(
